@@ -1,0 +1,1 @@
+"""Persistence: the SQLAlchemy tables, the engine and schema migrations."""

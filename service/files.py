@@ -1,0 +1,124 @@
+"""Crash-safe file primitives shared by the checkpoint and dataset stores.
+
+A file becomes visible under its final name only complete and on disk: it is written to a temp
+file in the same folder, flushed, fsynced, moved with `os.replace` (atomic on POSIX within one
+file system) and the folder is fsynced so the rename itself survives a power loss.
+
+Temp files carry the token of the process that writes them. Each process holds an exclusive
+`flock` on `<root>/.owners/<token>.lock` for its whole life, so on start a process can tell a
+dead writer's leftovers (lock free) from a live one's (lock held), on this host or any host that
+shares the folder with working locks, without guessing from file ages.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import secrets
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO
+
+TMP_SUFFIX = ".tmp"
+CHUNK = 1 << 20
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Owner:
+    """This process's identity for temp files, kept alive by a held lock."""
+
+    def __init__(self, root: Path) -> None:
+        self.token = secrets.token_hex(8)
+        self._dir = root / ".owners"
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._lock_path = self._dir / f"{self.token}.lock"
+        self._lock: IO[str] | None = open(self._lock_path, "w")  # noqa: SIM115 - held for life
+        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+            self._lock_path.unlink(missing_ok=True)
+
+    def is_alive(self, token: str) -> bool:
+        """Whether the process that owns `token` still runs (its lock is held)."""
+        if token == self.token:
+            return True
+        path = self._dir / f"{token}.lock"
+        try:
+            with open(path) as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return True
+                path.unlink(missing_ok=True)
+                return False
+        except FileNotFoundError:
+            return False
+
+    def temp_path(self, folder: Path, tag: str = "") -> Path:
+        """A fresh temp name in `folder` that says who writes it (and, optionally, what)."""
+        name = f".{tag + '.' if tag else ''}{self.token}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+        return folder / name
+
+    def sweep(self, folder: Path) -> list[Path]:
+        """Delete temp files in `folder` whose writer is dead; returns what was removed."""
+        removed = []
+        if not folder.is_dir():
+            return removed
+        for path in folder.iterdir():
+            token = temp_owner(path)
+            if token is not None and not self.is_alive(token):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
+
+
+def temp_owner(path: Path) -> str | None:
+    """The owner token of a temp file name, or None when `path` is not one of ours."""
+    if not (path.name.startswith(".") and path.name.endswith(TMP_SUFFIX)):
+        return None
+    parts = path.name[1 : -len(TMP_SUFFIX)].split(".")
+    return parts[-2] if len(parts) >= 2 else None
+
+
+def temp_tag(path: Path) -> str | None:
+    parts = path.name[1 : -len(TMP_SUFFIX)].split(".")
+    return parts[0] if len(parts) == 3 else None
+
+
+def write_durably(path: Path, chunks: Iterable[bytes]) -> tuple[str, int]:
+    """Write and fsync `path` (a temp name); returns (sha256, size)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "xb") as handle:
+        for chunk in chunks:
+            handle.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return digest.hexdigest(), size
+
+
+def publish(temp: Path, final: Path) -> None:
+    """Move a complete temp file to its final name so that the move survives a crash."""
+    os.replace(temp, final)
+    fsync_dir(final.parent)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,102 @@
+"""All of bnserve's settings, read from `BNSERVE_*` environment variables (or a `.env` file).
+
+This is the only place that reads the environment; everything else takes a `Settings` object, so
+tests build their own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BNSERVE_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    HOST: str = "127.0.0.1"
+    PORT: int = Field(8000, ge=0, le=65535)
+    DATA_DIR: Path = Path("./data")
+    # Empty means the SQLite file `<DATA_DIR>/bnserve.db`; `postgresql://` selects PostgreSQL.
+    DATABASE_URL: str = ""
+    DEVICE: str = "auto"
+    API_TOKEN: str | None = None
+    PROTECT_READS: bool = False
+    WORKERS: int = Field(1, ge=0, le=64)
+    MAX_UPLOAD_BYTES: int = Field(1 << 30, gt=0)
+    # Python modules imported at start that register extra architectures (comma-separated).
+    ARCHITECTURE_PLUGINS: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # Dynamic batching: concurrent requests for one version are gathered into one forward pass.
+    MAX_BATCH_SIZE: int = Field(64, ge=1, le=65536)
+    MAX_BATCH_WAIT_MS: float = Field(2.0, ge=0, le=1000)
+    # Largest batch one request may carry.
+    MAX_REQUEST_BATCH: int = Field(1024, ge=1)
+    # Samples waiting across all batchers before new predictions get 503 + Retry-After.
+    MAX_QUEUED_SAMPLES: int = Field(4096, ge=1)
+    PREDICT_TIMEOUT_S: float = Field(30.0, gt=0)
+    # Loaded non-serving versions kept for `?version=N` (LRU); serving versions never count.
+    VERSION_CACHE_SIZE: int = Field(2, ge=0)
+    # How often each API process reads the serving versions from the database.
+    SYNC_INTERVAL_S: float = Field(1.0, gt=0, le=60)
+
+    # Training workers.
+    WORKER_POLL_S: float = Field(0.5, gt=0)
+    WORKER_HEARTBEAT_S: float = Field(1.0, gt=0)
+    # A running job whose heartbeat is older than this is taken to have lost its worker.
+    JOB_STALE_AFTER_S: float = Field(15.0, gt=0)
+    JOB_MAX_ATTEMPTS: int = Field(2, ge=1)
+    # Create and train a demo model on first start with an empty registry.
+    DEMO: bool = True
+    LOG_LEVEL: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("ARCHITECTURE_PLUGINS", mode="before")
+    @classmethod
+    def _split_plugins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("DEVICE")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        import re
+
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            raise ValueError("BNSERVE_DEVICE must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("DATABASE_URL")
+    @classmethod
+    def _check_db(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("BNSERVE_DATABASE_URL must be a sqlite:// or postgresql:// URL")
+        return value
+
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL, with the psycopg 3 driver named for PostgreSQL."""
+        url = self.DATABASE_URL or f"sqlite:///{(self.DATA_DIR / 'bnserve.db').resolve()}"
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+        return url
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.DATA_DIR / "checkpoints"
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.DATA_DIR / "datasets"
+
+    @property
+    def upload_dir(self) -> Path:
+        return self.DATA_DIR / "uploads"
+
+    @property
+    def token_file(self) -> Path:
+        return self.DATA_DIR / "api-token"
