@@ -72,7 +72,7 @@ class Owner:
 
     def sweep(self, folder: Path) -> list[Path]:
         """Delete temp files in `folder` whose writer is dead; returns what was removed."""
-        removed = []
+        removed: list[Path] = []
         if not folder.is_dir():
             return removed
         for path in folder.iterdir():

@@ -1,0 +1,58 @@
+"""What routes reach through `Depends`: the app's long-lived objects and the auth checks."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Annotated
+
+import torch
+from fastapi import Depends, Request
+
+from service.api.auth import check_bearer
+from service.files import Owner
+from service.metrics import Metrics
+from service.registry import Registry
+from service.serving.manager import ModelManager
+from service.settings import Settings
+
+
+@dataclass(eq=False)
+class Services:
+    """Everything built in the app's lifespan, kept on `app.state.services`."""
+
+    settings: Settings
+    registry: Registry
+    manager: ModelManager
+    owner: Owner
+    token: str
+    device: torch.device
+    metrics: Metrics
+    upload_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def upload_lock(self, name: str) -> asyncio.Lock:
+        """Uploads of one model are processed one at a time in this process."""
+        return self.upload_locks.setdefault(name, asyncio.Lock())
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def require_token(request: Request, services: ServicesDep) -> None:
+    """State-changing requests always need the bearer token."""
+    check_bearer(request, services.token)
+
+
+def require_read_token(request: Request, services: ServicesDep) -> None:
+    """Reads and predictions need it only with BNSERVE_PROTECT_READS=true."""
+    if services.settings.PROTECT_READS:
+        check_bearer(request, services.token)
+
+
+WriteAuth = Depends(require_token)
+ReadAuth = Depends(require_read_token)

@@ -1,0 +1,33 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.api.deps import ServicesDep
+from service.api.schemas import Health, Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> Health:
+    """Answers while the process runs: it never touches the database or a model."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+async def readyz(services: ServicesDep) -> JSONResponse:
+    """Ready when every model that has a serving version has exactly that version loaded here."""
+    models = services.manager.readiness()
+    ready = all(m["ready"] for m in models.values())
+    body = Readiness(status="ready" if ready else "not_ready", models=models)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+@router.get("/metrics")
+async def metrics(services: ServicesDep) -> Response:
+    services.metrics.queued.set(services.manager.admission.queued)
+    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)

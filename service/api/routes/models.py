@@ -1,0 +1,47 @@
+"""Creating, listing and deleting models."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Response
+
+from models import get_architecture
+from service.api.deps import ReadAuth, ServicesDep, WriteAuth
+from service.api.schemas import ModelCreate, ModelPublic
+from service.db.tables import ModelRow
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def model_public(row: ModelRow) -> ModelPublic:
+    arch = get_architecture(row.architecture)
+    config = arch.parse_config(row.config)
+    return ModelPublic.of(row, tuple(config.input_shape()), config.task, config.labels())
+
+
+@router.post("", status_code=201, dependencies=[WriteAuth])
+async def create_model(body: ModelCreate, services: ServicesDep) -> ModelPublic:
+    row = await asyncio.to_thread(
+        services.registry.create_model, body.name, body.architecture, body.config
+    )
+    return model_public(row)
+
+
+@router.get("", dependencies=[ReadAuth])
+async def list_models(services: ServicesDep) -> list[ModelPublic]:
+    rows = await asyncio.to_thread(services.registry.list_models)
+    return [model_public(row) for row in rows]
+
+
+@router.get("/{name}", dependencies=[ReadAuth])
+async def get_model(name: str, services: ServicesDep) -> ModelPublic:
+    return model_public(await asyncio.to_thread(services.registry.get_model, name))
+
+
+@router.delete("/{name}", status_code=204, dependencies=[WriteAuth])
+async def delete_model(name: str, services: ServicesDep) -> Response:
+    async with services.upload_lock(name):
+        await asyncio.to_thread(services.registry.delete_model, name)
+    services.manager.forget(name)
+    return Response(status_code=204)

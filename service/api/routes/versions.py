@@ -1,0 +1,144 @@
+"""Uploading checkpoints as versions, reading them back, and promoting (or rolling back)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import IO, Annotated
+
+from fastapi import APIRouter, Request, Response
+from fastapi import Path as PathParam
+from starlette.datastructures import UploadFile
+
+from service.api.deps import ReadAuth, ServicesDep, WriteAuth
+from service.api.schemas import PromoteResult, VersionPublic
+from service.errors import BNServeError, InvalidInput
+from service.publishing import prepare_upload, publish
+
+router = APIRouter(prefix="/v1/models/{name}/versions", tags=["versions"])
+
+VersionNumber = Annotated[int, PathParam(ge=1)]
+
+UPLOAD_FORM = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "promote": {"type": "boolean", "default": True},
+                        "note": {"type": "string"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _parse_bool(value: object, field: str) -> bool:
+    text = str(value).strip().lower()
+    if text in {"true", "1", "yes", "on"}:
+        return True
+    if text in {"false", "0", "no", "off"}:
+        return False
+    raise InvalidInput(f"form field {field!r} must be true or false, got {value!r}")
+
+
+def _copy(source: IO[bytes], target: Path) -> None:
+    with open(target, "xb") as handle:
+        shutil.copyfileobj(source, handle, 1 << 20)
+
+
+@router.post("", status_code=201, dependencies=[WriteAuth], openapi_extra=UPLOAD_FORM)
+async def upload_version(name: str, request: Request, services: ServicesDep) -> VersionPublic:
+    """Check a state_dict upload, store it as the next version and (by default) serve it.
+
+    The body is parsed here rather than by FastAPI's `File()` so that the size limit's 413 and
+    the multipart errors reach the client as they are, not as a generic 400.
+    """
+    registry = services.registry
+    model = await asyncio.to_thread(registry.get_model, name)
+    outcome = "error"
+    async with request.form(max_files=1, max_fields=8) as form:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidInput(
+                "multipart form field 'file' is required: the state_dict saved with "
+                "torch.save(model.state_dict(), path) (.pt/.pth) or a .safetensors file",
+                code="missing_file",
+            )
+        promote = _parse_bool(form.get("promote", "true"), "promote")
+        note_value = form.get("note")
+        note = note_value if isinstance(note_value, str) else None
+        services.settings.upload_dir.mkdir(parents=True, exist_ok=True)
+        path = services.owner.temp_path(services.settings.upload_dir)
+        try:
+            await asyncio.to_thread(_copy, upload.file, path)
+            async with services.upload_lock(name):
+                prepared = await asyncio.to_thread(
+                    prepare_upload, model, path, upload.filename or "", services.device
+                )
+                row = await asyncio.to_thread(
+                    publish, registry, prepared, source="upload", note=note
+                )
+            serving = model.serving_version
+            if promote:
+                await services.manager.install(prepared.loaded)
+                serving = row.version
+            outcome = "ok"
+        except BNServeError as exc:
+            outcome = exc.code
+            raise
+        finally:
+            services.metrics.uploads.labels(outcome).inc()
+            path.unlink(missing_ok=True)
+    return VersionPublic.of(row, serving)
+
+
+@router.get("", dependencies=[ReadAuth])
+async def list_versions(name: str, services: ServicesDep) -> list[VersionPublic]:
+    model = await asyncio.to_thread(services.registry.get_model, name)
+    return [VersionPublic.of(v, model.serving_version) for v in model.versions]
+
+
+@router.get("/{version}", dependencies=[ReadAuth])
+async def get_version(name: str, version: VersionNumber, services: ServicesDep) -> VersionPublic:
+    model = await asyncio.to_thread(services.registry.get_model, name)
+    row = await asyncio.to_thread(services.registry.get_version, name, version)
+    return VersionPublic.of(row, model.serving_version)
+
+
+@router.get(
+    "/{version}/weights",
+    dependencies=[ReadAuth],
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+async def get_weights(name: str, version: VersionNumber, services: ServicesDep) -> Response:
+    """The stored tensors as safetensors bytes, verified against the recorded sha256."""
+    _, row, data = await asyncio.to_thread(services.registry.read_checkpoint, name, version)
+    return Response(
+        data,
+        media_type="application/octet-stream",
+        headers={
+            "Content-Disposition": f'attachment; filename="{name}-v{version}.safetensors"',
+            "X-Checkpoint-SHA256": row.sha256,
+        },
+    )
+
+
+@router.post("/{version}/promote", dependencies=[WriteAuth])
+async def promote_version(
+    name: str, version: VersionNumber, services: ServicesDep
+) -> PromoteResult:
+    """Serve `version` from now on (also how to roll back); it is loaded and gated first."""
+    model = await asyncio.to_thread(services.registry.get_model, name)
+    await services.manager.promote(name, version)
+    return PromoteResult(
+        model=name, serving_version=version, previous_version=model.serving_version
+    )

@@ -1,0 +1,89 @@
+"""The FastAPI app: long-lived objects are built in the lifespan from a `Settings` object."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from models import load_plugins
+from service.api.auth import load_or_create_token
+from service.api.deps import Services
+from service.api.errors import install_error_handlers
+from service.api.limits import BodyLimitMiddleware
+from service.api.routes import architectures, health, models, predict, versions
+from service.checkpoints.store import CheckpointStore
+from service.db.engine import make_engine, make_sessionmaker, migrate
+from service.files import Owner
+from service.metrics import Metrics
+from service.registry import Registry
+from service.serving.device import resolve_device
+from service.serving.manager import ModelManager
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_services(settings: Settings) -> Services:
+    """Open the database (migrating it), reconcile the stores after any crash, pick the device."""
+    settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
+    load_plugins(settings.ARCHITECTURE_PLUGINS)
+    engine = make_engine(settings.database_url)
+    migrate(engine, settings.DATA_DIR)
+    owner = Owner(settings.DATA_DIR)
+    registry = Registry(make_sessionmaker(engine), CheckpointStore(settings.checkpoint_dir, owner))
+    registry.recover_store()
+    owner.sweep(settings.upload_dir)
+    device = resolve_device(settings.DEVICE)
+    log.info("serving on %s", device)
+    metrics = Metrics()
+    manager = ModelManager(settings, registry, device)
+    manager.on_batch = lambda name, size: metrics.batch_size.labels(name).observe(size)
+
+    def on_swap(name: str, version: int) -> None:
+        metrics.serving_version.labels(name).set(version)
+        metrics.swaps.labels(name).inc()
+
+    manager.on_swap = on_swap
+    return Services(
+        settings=settings,
+        registry=registry,
+        manager=manager,
+        owner=owner,
+        token=load_or_create_token(settings),
+        device=device,
+        metrics=metrics,
+    )
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    services = await asyncio.to_thread(build_services, settings)
+    app.state.services = services
+    await services.manager.start()
+    try:
+        yield
+    finally:
+        await services.manager.stop()
+        services.owner.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(
+        title="bnserve",
+        version="0.1.0",
+        summary="Serve PyTorch BatchNorm models from checked, versioned, atomically swapped "
+        "checkpoints",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.add_middleware(BodyLimitMiddleware, limit=settings.MAX_UPLOAD_BYTES)
+    install_error_handlers(app)
+    for module in (health, architectures, models, versions, predict):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,137 @@
+"""Checkpoint files: one canonical safetensors file per version, written crash-safely.
+
+Layout: `<checkpoints>/<model id>/v<N>.safetensors`. A version is published in three steps:
+`stage` writes and fsyncs a temp file whose name carries the sha256, the registry commits the
+version row, then `publish` renames the temp file to `v<N>.safetensors`. A crash before the
+commit leaves only a dead writer's temp file, which `recover` deletes; a crash between commit and
+rename leaves a row whose temp file `recover` (or the next read) moves into place. Version
+numbers are never reused, so a `v<N>` file without a row can always be deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.errors import CorruptCheckpoint, NotFound
+from service.files import Owner, publish, temp_owner, temp_tag, write_durably
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StagedCheckpoint:
+    model_id: str
+    path: Path
+    sha256: str
+    size_bytes: int
+
+
+def version_filename(version: int) -> str:
+    return f"v{version}.safetensors"
+
+
+class CheckpointStore:
+    """Checkpoint bytes on disk; the registry's rows say which of them exist."""
+
+    def __init__(self, root: Path, owner: Owner) -> None:
+        self.root = root
+        self.owner = owner
+        root.mkdir(parents=True, exist_ok=True)
+
+    def model_dir(self, model_id: str) -> Path:
+        return self.root / model_id
+
+    def stage(self, model_id: str, data: bytes) -> StagedCheckpoint:
+        folder = self.model_dir(model_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        sha = hashlib.sha256(data).hexdigest()
+        temp = self.owner.temp_path(folder, tag=sha)
+        write_durably(temp, [data])
+        return StagedCheckpoint(model_id, temp, sha, len(data))
+
+    def publish(self, staged: StagedCheckpoint, version: int) -> str:
+        name = version_filename(version)
+        publish(staged.path, self.model_dir(staged.model_id) / name)
+        return name
+
+    def discard(self, staged: StagedCheckpoint) -> None:
+        staged.path.unlink(missing_ok=True)
+
+    def read(self, model_id: str, filename: str, sha256: str) -> bytes:
+        """The checkpoint's bytes, refused when they no longer hash to the recorded sha256."""
+        path = self.model_dir(model_id) / filename
+        if not path.exists():
+            self._roll_forward(model_id, filename, sha256)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(
+                f"checkpoint file {filename} of model {model_id} is missing from the store",
+                code="checkpoint_missing",
+            ) from None
+        found = hashlib.sha256(data).hexdigest()
+        if found != sha256:
+            raise CorruptCheckpoint(
+                f"checkpoint {filename} is corrupt: its sha256 is {found}, the registry recorded "
+                f"{sha256}; refusing to serve it (restore the file or upload the version again)",
+                expected_sha256=sha256,
+                found_sha256=found,
+            )
+        return data
+
+    def delete_model(self, model_id: str) -> None:
+        shutil.rmtree(self.model_dir(model_id), ignore_errors=True)
+
+    def recover(self, known: dict[str, dict[str, str]]) -> list[str]:
+        """Make the folder agree with the registry after a crash; returns what it did.
+
+        `known` maps model id -> {filename: sha256} for every recorded version.
+        """
+        actions: list[str] = []
+        for model_id, files in known.items():
+            for filename, sha in files.items():
+                if not (self.model_dir(model_id) / filename).exists() and self._roll_forward(
+                    model_id, filename, sha
+                ):
+                    actions.append(f"rolled forward {model_id}/{filename}")
+        for folder in self.root.iterdir():
+            if not folder.is_dir() or folder.name.startswith("."):
+                continue
+            if folder.name not in known:
+                if not any(self._is_live_temp(p) for p in folder.iterdir()):
+                    shutil.rmtree(folder, ignore_errors=True)
+                    actions.append(f"removed orphan folder {folder.name}")
+                continue
+            for path in folder.iterdir():
+                if temp_owner(path) is not None:
+                    if not self._is_live_temp(path):
+                        path.unlink(missing_ok=True)
+                        actions.append(f"removed temp file {folder.name}/{path.name}")
+                elif path.name not in known[folder.name]:
+                    path.unlink(missing_ok=True)
+                    actions.append(f"removed orphan checkpoint {folder.name}/{path.name}")
+        for action in actions:
+            log.warning("checkpoint store recovery: %s", action)
+        return actions
+
+    def _is_live_temp(self, path: Path) -> bool:
+        token = temp_owner(path)
+        return token is not None and self.owner.is_alive(token)
+
+    def _roll_forward(self, model_id: str, filename: str, sha256: str) -> bool:
+        """Finish a publish that a crash cut between the registry commit and the rename."""
+        folder = self.model_dir(model_id)
+        if not folder.is_dir():
+            return False
+        for path in folder.iterdir():
+            if temp_owner(path) is not None and temp_tag(path) == sha256:
+                # FileNotFoundError: another process finished it first.
+                with contextlib.suppress(FileNotFoundError):
+                    publish(path, folder / filename)
+                return (folder / filename).exists()
+        return False

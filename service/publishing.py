@@ -1,0 +1,87 @@
+"""One path from a state_dict to a stored version, for uploads and trained weights alike.
+
+`prepare` checks the tensors against the architecture, builds the canonical safetensors bytes
+and loads and gates the result; only a version that passed all of that reaches `publish`, which
+stores it as the model's next version. Nothing is written before the checks pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models import get_architecture
+from service.checkpoints.reader import read_state_dict
+from service.checkpoints.validation import state_dict_to_safetensors, validate_state_dict
+from service.db.tables import ModelRow, VersionRow
+from service.registry import Registry
+from service.serving.loaded import LoadedModel, build_loaded
+
+
+@dataclass
+class Prepared:
+    data: bytes
+    report: dict[str, Any]
+    loaded: LoadedModel
+
+
+def prepare(
+    model: ModelRow,
+    state_dict: dict[str, torch.Tensor],
+    device: torch.device,
+    *,
+    report_extra: dict[str, Any] | None = None,
+) -> Prepared:
+    """Validate, canonicalize, load and gate a state_dict for `model` (blocking)."""
+    arch = get_architecture(model.architecture)
+    config = arch.parse_config(model.config)
+    canonical, report = validate_state_dict(state_dict, arch.build(config))
+    for key, value in (report_extra or {}).items():
+        setattr(report, key, value)
+    data = state_dict_to_safetensors(canonical)
+    loaded = build_loaded(
+        name=model.name,
+        version=0,  # numbered when stored
+        sha256="",
+        architecture=arch,
+        config=config,
+        state_dict=canonical,
+        device=device,
+    )
+    return Prepared(data=data, report=report.model_dump(mode="json"), loaded=loaded)
+
+
+def prepare_upload(model: ModelRow, path: Path, filename: str, device: torch.device) -> Prepared:
+    """Read an uploaded file without running pickle code, then `prepare` it."""
+    state_dict, info = read_state_dict(path, filename)
+    return prepare(
+        model,
+        state_dict,
+        device,
+        report_extra={"format": info.format, "unwrapped_from": info.unwrapped_from},
+    )
+
+
+def publish(
+    registry: Registry,
+    prepared: Prepared,
+    *,
+    source: str,
+    note: str | None = None,
+    lineage: dict[str, Any] | None = None,
+) -> VersionRow:
+    """Store a prepared version; its LoadedModel then carries the new number."""
+    row = registry.add_version(
+        prepared.loaded.name,
+        prepared.data,
+        source=source,
+        note=note,
+        report=prepared.report,
+        lineage=lineage,
+    )
+    prepared.loaded.version = row.version
+    prepared.loaded.sha256 = row.sha256
+    return row

@@ -1,0 +1,70 @@
+"""A version ready to serve: its module built, filled, on the device, in eval mode and gated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from models import ArchConfig, Architecture
+from service.serving.gate import run_gate
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    name: str
+    version: int
+    sha256: str
+    architecture: Architecture
+    config: ArchConfig
+    module: nn.Module
+    device: torch.device
+    input_shape: tuple[int, ...]
+    task: str
+    labels: list[str] | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.task == "classification"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One forward pass; BN uses its running statistics, so rows are independent."""
+        with torch.inference_mode():
+            out: torch.Tensor = self.module(x.to(self.device, non_blocking=True))
+            return out.float().cpu()
+
+
+def build_loaded(
+    *,
+    name: str,
+    version: int,
+    sha256: str,
+    architecture: Architecture,
+    config: ArchConfig,
+    state_dict: dict[str, torch.Tensor],
+    device: torch.device,
+) -> LoadedModel:
+    """Build, fill (strict), move, switch to eval and gate; blocking, so call from a thread."""
+    module = architecture.build(config)
+    module.load_state_dict(state_dict, strict=True)
+    module.to(device)
+    module.eval()
+    for param in module.parameters():
+        param.requires_grad_(False)
+    input_shape = tuple(config.input_shape())
+    run_gate(module, input_shape, device)
+    return LoadedModel(
+        name=name,
+        version=version,
+        sha256=sha256,
+        architecture=architecture,
+        config=config,
+        module=module,
+        device=device,
+        input_shape=input_shape,
+        task=config.task,
+        labels=config.labels(),
+    )

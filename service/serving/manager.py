@@ -1,0 +1,284 @@
+"""Which loaded version answers which request, and how versions are swapped in and out.
+
+Each model's serving version is one entry in `_serving`; a swap replaces that entry, a single
+reference change on the event loop. A request takes its handle before it queues, so requests in
+flight finish on the version they started with, and every request that starts after a swap gets
+the new one. Replaced and pinned (`?version=N`) versions wait in a small LRU cache; an evicted
+version's batcher drains its queue and stops, after which nothing refers to its tensors.
+
+The database holds the truth about which version serves. A sync loop compares it with what this
+process serves every `SYNC_INTERVAL_S` and swaps by the same path, so a promote made by another
+process (another replica, a training worker) arrives here within about one interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import NoReturn
+
+import torch
+
+from models import get_architecture
+from service.checkpoints.validation import state_dict_from_safetensors
+from service.errors import NotFound, NotServing
+from service.registry import Registry
+from service.serving.batcher import Admission, Batcher
+from service.serving.device import release_memory
+from service.serving.loaded import LoadedModel, build_loaded
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Handle:
+    """A loaded version with the batcher that feeds it."""
+
+    loaded: LoadedModel
+    batcher: Batcher
+
+    @property
+    def version(self) -> int:
+        return self.loaded.version
+
+
+class ModelManager:
+    def __init__(self, settings: Settings, registry: Registry, device: torch.device) -> None:
+        self._settings = settings
+        self._registry = registry
+        self.device = device
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="forward")
+        self.admission = Admission(settings.MAX_QUEUED_SAMPLES)
+        self._serving: dict[str, Handle] = {}
+        self._cache: OrderedDict[tuple[str, int], Handle] = OrderedDict()
+        self._wanted: dict[str, int | None] = {}
+        self._errors: dict[str, str] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._sync_task: asyncio.Task[None] | None = None
+        self.on_batch: Callable[[str, int], None] | None = None
+        self.on_swap: Callable[[str, int], None] | None = None
+
+    # Life cycle
+
+    async def start(self) -> None:
+        """Load every serving version, then follow the database in the background."""
+        await self.sync_once()
+        self._sync_task = asyncio.create_task(self._sync_forever(), name="serving-sync")
+
+    async def stop(self) -> None:
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
+        for handle in [*self._serving.values(), *self._cache.values()]:
+            await handle.batcher.close()
+        self._executor.shutdown(wait=True)
+
+    def lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    # Requests
+
+    async def handle_for(self, name: str, version: int | None = None) -> Handle:
+        """The handle that answers a request: the serving one, or a pinned version."""
+        serving = self._serving.get(name)
+        if version is None:
+            if serving is not None:
+                return serving
+            await self._raise_not_serving(name)
+        if serving is not None and serving.version == version:
+            return serving
+        key = (name, version)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
+        assert version is not None
+        async with self.lock(name):
+            cached = self._cache.get(key)
+            if cached is None:
+                cached = self._new_handle(await asyncio.to_thread(self._load, name, version))
+                self._remember(cached)
+            return cached
+
+    async def _raise_not_serving(self, name: str) -> NoReturn:
+        model = await asyncio.to_thread(self._registry.get_model, name)  # 404 if unknown
+        if model.serving_version is None:
+            raise NotServing(
+                f"model {name!r} has no serving version yet: upload one "
+                f"(POST /v1/models/{name}/versions) or promote one",
+            )
+        raise NotServing(
+            f"model {name!r} version {model.serving_version} is not loaded in this process yet"
+            + (f": {self._errors[name]}" if name in self._errors else ""),
+            code="not_loaded",
+        )
+
+    # Swaps
+
+    async def install(self, loaded: LoadedModel) -> Handle:
+        """Make an already loaded and gated version serve (after its promote is recorded)."""
+        async with self.lock(loaded.name):
+            await asyncio.to_thread(self._registry.set_serving, loaded.name, loaded.version)
+            return self._swap(self._new_handle(loaded))
+
+    async def promote(self, name: str, version: int) -> Handle:
+        """Load and gate `version` if needed, record it as serving, then swap it in."""
+        async with self.lock(name):
+            handle = self._take_cached(name, version)
+            if handle is None:
+                handle = self._new_handle(await asyncio.to_thread(self._load, name, version))
+            try:
+                await asyncio.to_thread(self._registry.set_serving, name, version)
+            except BaseException:
+                self._remember(handle)
+                raise
+            return self._swap(handle)
+
+    def forget(self, name: str) -> None:
+        """Drop every loaded version of a deleted model."""
+        handles = [self._serving.pop(name, None)] + [
+            self._cache.pop(key) for key in list(self._cache) if key[0] == name
+        ]
+        for handle in handles:
+            if handle is not None:
+                handle.batcher.retire()
+        self._wanted.pop(name, None)
+        self._errors.pop(name, None)
+
+    def _swap(self, handle: Handle) -> Handle:
+        name = handle.loaded.name
+        old = self._serving.get(name)
+        self._serving[name] = handle  # the swap: one reference change
+        self._wanted[name] = handle.version
+        self._errors.pop(name, None)
+        if old is not None and old is not handle:
+            self._remember(old)
+        if self.on_swap is not None:
+            self.on_swap(name, handle.version)
+        log.info("model %s now serves version %d", name, handle.version)
+        return handle
+
+    def _take_cached(self, name: str, version: int) -> Handle | None:
+        current = self._serving.get(name)
+        if current is not None and current.version == version:
+            return current
+        return self._cache.pop((name, version), None)
+
+    def _remember(self, handle: Handle) -> None:
+        """Keep a non-serving version in the LRU cache, evicting beyond its size."""
+        self._cache[(handle.loaded.name, handle.version)] = handle
+        self._cache.move_to_end((handle.loaded.name, handle.version))
+        while len(self._cache) > self._settings.VERSION_CACHE_SIZE:
+            _, evicted = self._cache.popitem(last=False)
+            evicted.batcher.retire()
+            release_memory(evicted.loaded.device)
+
+    def _new_handle(self, loaded: LoadedModel) -> Handle:
+        name = loaded.name
+        on_batch = self.on_batch
+
+        def count(size: int) -> None:
+            if on_batch is not None:
+                on_batch(name, size)
+
+        batcher = Batcher(
+            loaded.forward,
+            max_batch=self._settings.MAX_BATCH_SIZE,
+            max_wait_s=self._settings.MAX_BATCH_WAIT_MS / 1000,
+            executor=self._executor,
+            admission=self.admission,
+            on_batch=count,
+        )
+        return Handle(loaded, batcher)
+
+    def _load(self, name: str, version: int) -> LoadedModel:
+        """Read, verify, build and gate one stored version (blocking)."""
+        model, row, data = self._registry.read_checkpoint(name, version)
+        arch = get_architecture(model.architecture)
+        return build_loaded(
+            name=name,
+            version=version,
+            sha256=row.sha256,
+            architecture=arch,
+            config=arch.parse_config(model.config),
+            state_dict=state_dict_from_safetensors(data),
+            device=self.device,
+        )
+
+    # Following the database
+
+    async def sync_once(self) -> None:
+        wanted = await asyncio.to_thread(self._registry.serving_map)
+        for name in [n for n in self._serving if n not in wanted]:
+            self.forget(name)
+        self._wanted = dict(wanted)
+        for name, version in wanted.items():
+            current = self._serving.get(name)
+            if version is None or (current is not None and current.version == version):
+                continue
+            await self._follow(name)
+
+    async def _follow(self, name: str) -> None:
+        async with self.lock(name):
+            version = (await asyncio.to_thread(self._registry.serving_map)).get(name)
+            self._wanted[name] = version
+            current = self._serving.get(name)
+            if version is None or (current is not None and current.version == version):
+                return
+            try:
+                handle = self._take_cached(name, version)
+                if handle is None:
+                    handle = self._new_handle(await asyncio.to_thread(self._load, name, version))
+            except NotFound:
+                return  # deleted meanwhile; the next pass forgets it
+            except Exception as exc:
+                if self._errors.get(name) != str(exc):
+                    log.exception("cannot load %s version %d", name, version)
+                self._errors[name] = str(exc)
+                return
+            self._swap(handle)
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.SYNC_INTERVAL_S)
+            try:
+                await self.sync_once()
+            except Exception:
+                log.exception("serving sync failed; retrying")
+
+    # Introspection
+
+    def readiness(self) -> dict[str, dict[str, object]]:
+        """Per model: the version the database wants, the one served here, and any error."""
+        out: dict[str, dict[str, object]] = {}
+        for name, wanted in self._wanted.items():
+            if wanted is None:
+                continue
+            current = self._serving.get(name)
+            served = current.version if current is not None else None
+            out[name] = {
+                "wanted": wanted,
+                "serving": served,
+                "ready": served == wanted,
+                "error": self._errors.get(name),
+            }
+        return out
+
+    def is_ready(self, name: str, version: int | None = None) -> bool:
+        current = self._serving.get(name)
+        if version is None:
+            return current is not None and self._wanted.get(name) == current.version
+        return (current is not None and current.version == version) or (
+            (name, version) in self._cache
+        )
+
+    def loaded_versions(self) -> list[tuple[str, int, bool]]:
+        serving = [(n, h.version, True) for n, h in self._serving.items()]
+        return serving + [(n, v, False) for (n, v) in self._cache]
