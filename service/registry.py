@@ -209,6 +209,6 @@ class Registry:
             }
             for model_id, filename, sha in session.execute(
                 select(VersionRow.model_id, VersionRow.filename, VersionRow.sha256)
-            ).tuples():
+            ):
                 known.setdefault(model_id, {})[filename] = sha
         return self.store.recover(known)

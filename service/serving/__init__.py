@@ -1,1 +1,1 @@
-"""Serving: versions loaded in eval mode, the batcher that feeds them, the manager that swaps them."""
+"""Serving: versions loaded in eval mode, the batcher feeding them, the manager swapping them."""
