@@ -1,0 +1,1 @@
+"""Uploaded training data: reading, checking and fingerprinting `.npz` / `.safetensors` files."""

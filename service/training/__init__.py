@@ -1,0 +1,1 @@
+"""Training and BatchNorm recalibration as pure functions a worker process calls."""

@@ -1,0 +1,332 @@
+"""Mini-batch training of a private model copy, reproducible from a seed and safe for BatchNorm.
+
+BatchNorm in train mode normalizes with the statistics of the current batch, so a batch of one
+sample has no variance to normalize by (PyTorch raises "Expected more than 1 value per channel
+when training"). Every batch here therefore has at least two samples: see `plan_batches`.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+# (epoch, step, steps): epochs and steps count from 1, `steps` is the number in this epoch.
+StepCallback = Callable[[int, int, int], None]
+
+TASKS = ("classification", "regression")
+
+_CPU = torch.device("cpu")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the weights are unusable, so the job must fail."""
+
+
+class TrainParams(BaseModel):
+    """A training job's hyperparameters, bounded so that a bad request fails before it queues."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    epochs: int = Field(ge=1, le=1000)
+    # A batch of one cannot pass through BatchNorm in train mode.
+    batch_size: int = Field(ge=2, le=65536)
+    lr: float = Field(gt=0, le=10)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    # L2 through the optimizer's own weight_decay (decoupled for AdamW, Loshchilov & Hutter 2019).
+    weight_decay: float = Field(default=0.0, ge=0, lt=1)
+    # PyTorch optimizers have no L1 option; it is added to the loss by hand.
+    l1: float = Field(default=0.0, ge=0)
+    val_fraction: float = Field(default=0.2, ge=0, lt=1)
+    # Up to 2**63 - 1 so it fits a signed 64-bit database column.
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+
+    @model_validator(mode="after")
+    def _momentum_only_for_sgd(self) -> TrainParams:
+        if self.optimizer != "sgd" and "momentum" in self.model_fields_set:
+            raise ValueError(
+                f"momentum applies to optimizer 'sgd' only; {self.optimizer!r} uses its own "
+                "moment estimates, so leave momentum out"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """One epoch's losses as a job reports them; val fields are None without a validation split."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float | None
+    val_accuracy: float | None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished (or stopped) run leaves: CPU weights, per-epoch metrics and its split."""
+
+    # Detached CPU clones; empty when stopped, since a cancelled job leaves no version behind.
+    state_dict: dict[str, torch.Tensor]
+    metrics: list[EpochMetrics]
+    stopped: bool
+    # Rows of the dataset held out for validation, so a serving version can be compared on them.
+    val_indices: torch.Tensor
+    final_val_loss: float | None
+    final_val_accuracy: float | None
+    seed: int
+
+
+def _split_sizes(n: int, val_fraction: float) -> tuple[int, int]:
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}")
+    n_val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
+    n_train = n - n_val
+    if n_train < 2:
+        raise ValueError(
+            f"a dataset of {n} sample(s) with val_fraction {val_fraction} leaves {max(n_train, 0)} "
+            "training sample(s); training needs at least 2 because BatchNorm cannot normalize "
+            "a batch of one. Upload more samples or lower val_fraction"
+        )
+    return n_train, n_val
+
+
+def split_dataset(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic (train_idx, val_idx) so a job's validation rows are known and repeatable."""
+    _, n_val = _split_sizes(n, val_fraction)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:], perm[:n_val]
+
+
+def plan_batches(n_train: int, batch_size: int) -> list[int]:
+    """Batch sizes for one epoch covering every sample once, none of them of size 1.
+
+    A remainder of one sample is merged into the previous batch (one batch of batch_size + 1)
+    rather than dropped, so every sample is seen every epoch; DataLoader's drop_last would
+    discard the whole remainder instead.
+    """
+    if n_train < 2:
+        raise ValueError(f"need at least 2 training samples for a batch; got {n_train}")
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be at least 2; got {batch_size}")
+    full, rest = divmod(n_train, batch_size)
+    sizes = [batch_size] * full
+    if rest == 1:
+        sizes[-1] += 1  # full >= 1 here: n_train >= 2 and rest == 1 imply n_train > batch_size
+    elif rest:
+        sizes.append(rest)
+    return sizes
+
+
+def validate_trainable(n: int, params: TrainParams) -> None:
+    """Raise ValueError when `n` samples cannot give a train batch of two after the split."""
+    _split_sizes(n, params.val_fraction)
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for b in model.buffers():
+        return b.device
+    return _CPU
+
+
+def _loss(out: torch.Tensor, y: torch.Tensor, task: str, reduction: str) -> torch.Tensor:
+    if task == "classification":
+        return F.cross_entropy(out, y, reduction=reduction)
+    if y.numel() != out.numel():
+        raise ValueError(
+            f"the model outputs {list(out.shape)} for a batch but the targets are "
+            f"{list(y.shape)}; targets must match the model's outputs"
+        )
+    return F.mse_loss(out, y.reshape(out.shape).to(out.dtype), reduction=reduction)
+
+
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, batch_size: int = 256
+) -> tuple[float, float | None]:
+    """(mean loss, accuracy or None) in eval mode, the way the model will serve.
+
+    Leaves the model in eval mode: the caller decides what mode comes next. Loss is cross-entropy
+    per sample for classifiers, mean squared error per output value otherwise.
+    """
+    _check_task(task)
+    n = int(x.shape[0])
+    if n == 0:
+        raise ValueError("cannot evaluate on an empty set")
+    device = _model_device(model)
+    model.eval()
+    loss_sum = 0.0
+    correct = 0
+    count = 0
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            xb = x[start : start + batch_size].to(device)
+            yb = y[start : start + batch_size].to(device)
+            out = model(xb)
+            loss_sum += float(_loss(out, yb, task, reduction="sum"))
+            count += out.numel() if task == "regression" else int(out.shape[0])
+            if task == "classification":
+                correct += int((out.argmax(dim=1) == yb).sum())
+    accuracy = correct / n if task == "classification" else None
+    return loss_sum / count, accuracy
+
+
+def _make_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters")
+    if params.optimizer == "sgd":
+        return torch.optim.SGD(
+            trainable, lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay
+        )
+    if params.optimizer == "adam":
+        return torch.optim.Adam(trainable, lr=params.lr, weight_decay=params.weight_decay)
+    return torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
+
+
+def _check_data(x: torch.Tensor, y: torch.Tensor, task: str) -> None:
+    if x.ndim < 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"x must be N x sample shape and y must have N rows; got {list(x.shape)} and "
+            f"{list(y.shape)}"
+        )
+    if task == "classification" and (y.dtype != torch.int64 or y.ndim != 1):
+        raise ValueError(f"classification needs int64 class ids of shape (N,); got {y.dtype}")
+    if task == "regression" and not y.dtype.is_floating_point:
+        raise ValueError(f"regression needs floating-point targets; got {y.dtype}")
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    task: str,
+    params: TrainParams,
+    should_stop: Callable[[], bool],
+    on_step: StepCallback | None = None,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    device: torch.device = _CPU,
+) -> TrainResult:
+    """Train `model` in place on (x, y) and return its weights, metrics and validation split.
+
+    `model` must be the caller's private copy, never the object that serves predictions: it is
+    moved to `device`, put in train mode and its weights and BatchNorm buffers change. It is left
+    in eval mode when this returns or raises. With the same seed and the same initial weights,
+    two runs on CPU give bit-identical weights.
+    """
+    _check_task(task)
+    _check_data(x, y, task)
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    # Global seed for what the model draws itself (Dropout); local generators for the data order.
+    torch.manual_seed(seed)
+    n = int(x.shape[0])
+    train_idx, val_idx = split_dataset(n, params.val_fraction, seed)
+    # seed + 1: a stream distinct from the split's, so the split does not echo in the order.
+    order_gen = torch.Generator().manual_seed(seed + 1)
+    sizes = plan_batches(int(train_idx.numel()), params.batch_size)
+    steps = len(sizes)
+
+    model.to(device)
+    optimizer = _make_optimizer(model, params)
+    # L1 on weight matrices and kernels only: biases and BatchNorm's gamma/beta are left out, as
+    # is usual for weight penalties (they do not set the model's capacity the same way).
+    l1_params = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    x_val, y_val = x[val_idx], y[val_idx]
+    metrics: list[EpochMetrics] = []
+
+    def result(stopped: bool) -> TrainResult:
+        last = metrics[-1] if metrics else None
+        weights = (
+            {}
+            if stopped
+            else {k: v.detach().to(_CPU, copy=True) for k, v in model.state_dict().items()}
+        )
+        return TrainResult(
+            state_dict=weights,
+            metrics=metrics,
+            stopped=stopped,
+            val_indices=val_idx,
+            final_val_loss=last.val_loss if last else None,
+            final_val_accuracy=last.val_accuracy if last else None,
+            seed=seed,
+        )
+
+    try:
+        for epoch in range(1, params.epochs + 1):
+            model.train()
+            order = train_idx[torch.randperm(train_idx.numel(), generator=order_gen)]
+            loss_sum = 0.0
+            start = 0
+            for step, size in enumerate(sizes, start=1):
+                if should_stop():
+                    return result(stopped=True)
+                rows = order[start : start + size]
+                start += size
+                assert rows.numel() >= 2, "a batch of one must never reach BatchNorm in train mode"
+                xb = x[rows].to(device)
+                yb = y[rows].to(device)
+                optimizer.zero_grad(set_to_none=True)
+                data_loss = _loss(model(xb), yb, task, reduction="mean")
+                loss = data_loss
+                if params.l1 > 0 and l1_params:
+                    loss = loss + params.l1 * torch.stack([p.abs().sum() for p in l1_params]).sum()
+                # Checked before the step, so NaN never reaches the weights or the optimizer state.
+                if not math.isfinite(float(loss.detach())):
+                    raise TrainingDiverged(
+                        f"the loss became non-finite at epoch {epoch}, step {step}; lower lr "
+                        f"(now {params.lr}) or check the data's scale"
+                    )
+                torch.autograd.backward(loss)
+                optimizer.step()
+                loss_sum += float(data_loss.detach()) * size
+                if on_step is not None:
+                    on_step(epoch, step, steps)
+            val_loss: float | None = None
+            val_acc: float | None = None
+            if val_idx.numel():
+                val_loss, val_acc = evaluate(model, x_val, y_val, task)
+            # Reported train loss is the data loss alone, comparable with val_loss (no penalty).
+            epoch_metrics = EpochMetrics(
+                epoch=epoch,
+                train_loss=loss_sum / int(train_idx.numel()),
+                val_loss=val_loss,
+                val_accuracy=val_acc,
+            )
+            metrics.append(epoch_metrics)
+            if on_epoch is not None:
+                on_epoch(epoch_metrics)
+        return result(stopped=False)
+    finally:
+        model.eval()
+
+
+def compare(new: tuple[float, float | None], old: tuple[float, float | None], task: str) -> bool:
+    """Whether `new` (val_loss, val_accuracy) is at least as good as `old`, per API.md if_better.
+
+    Classifiers: higher validation accuracy wins, ties go to the lower (or equal) validation
+    loss. Otherwise: lower (or equal) validation loss. Both must come from the same validation
+    rows (`TrainResult.val_indices`). NaN never counts as at least as good.
+    """
+    _check_task(task)
+    new_loss, new_acc = new
+    old_loss, old_acc = old
+    if task == "classification":
+        if new_acc is None or old_acc is None:
+            raise ValueError("comparing classifiers needs a validation accuracy for both")
+        if new_acc != old_acc:
+            return new_acc > old_acc
+    return new_loss <= old_loss
