@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-from pathlib import Path
-from typing import IO, Annotated
+from typing import Annotated
 
 from fastapi import APIRouter, Request, Response
 from fastapi import Path as PathParam
-from starlette.datastructures import UploadFile
 
 from service.api.deps import ReadAuth, ServicesDep, WriteAuth
 from service.api.schemas import PromoteResult, VersionPublic
+from service.api.uploads import received_file, upload_form
 from service.errors import BNServeError, InvalidInput
 from service.publishing import prepare_upload, publish
 
@@ -20,28 +18,11 @@ router = APIRouter(prefix="/v1/models/{name}/versions", tags=["versions"])
 
 VersionNumber = Annotated[int, PathParam(ge=1)]
 
-UPLOAD_FORM = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "promote": {"type": "boolean", "default": True},
-                        "note": {"type": "string"},
-                    },
-                }
-            }
-        },
-    }
-}
 
-
-def _parse_bool(value: object, field: str) -> bool:
-    text = str(value).strip().lower()
+def _parse_bool(value: str | None, field: str, default: bool) -> bool:
+    if value is None:
+        return default
+    text = value.strip().lower()
     if text in {"true", "1", "yes", "on"}:
         return True
     if text in {"false", "0", "no", "off"}:
@@ -49,54 +30,43 @@ def _parse_bool(value: object, field: str) -> bool:
     raise InvalidInput(f"form field {field!r} must be true or false, got {value!r}")
 
 
-def _copy(source: IO[bytes], target: Path) -> None:
-    with open(target, "xb") as handle:
-        shutil.copyfileobj(source, handle, 1 << 20)
-
-
-@router.post("", status_code=201, dependencies=[WriteAuth], openapi_extra=UPLOAD_FORM)
+@router.post(
+    "",
+    status_code=201,
+    dependencies=[WriteAuth],
+    openapi_extra=upload_form(
+        promote={"type": "boolean", "default": True}, note={"type": "string"}
+    ),
+)
 async def upload_version(name: str, request: Request, services: ServicesDep) -> VersionPublic:
-    """Check a state_dict upload, store it as the next version and (by default) serve it.
-
-    The body is parsed here rather than by FastAPI's `File()` so that the size limit's 413 and
-    the multipart errors reach the client as they are, not as a generic 400.
-    """
+    """Check a state_dict upload, store it as the next version and (by default) serve it."""
     registry = services.registry
     model = await asyncio.to_thread(registry.get_model, name)
+    expected = (
+        "the state_dict saved with torch.save(model.state_dict(), path) (.pt/.pth) "
+        "or a .safetensors file"
+    )
     outcome = "error"
-    async with request.form(max_files=1, max_fields=8) as form:
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise InvalidInput(
-                "multipart form field 'file' is required: the state_dict saved with "
-                "torch.save(model.state_dict(), path) (.pt/.pth) or a .safetensors file",
-                code="missing_file",
-            )
-        promote = _parse_bool(form.get("promote", "true"), "promote")
-        note_value = form.get("note")
-        note = note_value if isinstance(note_value, str) else None
-        services.settings.upload_dir.mkdir(parents=True, exist_ok=True)
-        path = services.owner.temp_path(services.settings.upload_dir)
-        try:
-            await asyncio.to_thread(_copy, upload.file, path)
+    try:
+        async with received_file(request, services, expected=expected) as received:
+            promote = _parse_bool(received.text("promote"), "promote", default=True)
             async with services.upload_lock(name):
                 prepared = await asyncio.to_thread(
-                    prepare_upload, model, path, upload.filename or "", services.device
+                    prepare_upload, model, received.path, received.filename, services.device
                 )
                 row = await asyncio.to_thread(
-                    publish, registry, prepared, source="upload", note=note
+                    publish, registry, prepared, source="upload", note=received.text("note")
                 )
-            serving = model.serving_version
-            if promote:
-                await services.manager.install(prepared.loaded)
-                serving = row.version
-            outcome = "ok"
-        except BNServeError as exc:
-            outcome = exc.code
-            raise
-        finally:
-            services.metrics.uploads.labels(outcome).inc()
-            path.unlink(missing_ok=True)
+        serving = model.serving_version
+        if promote:
+            await services.manager.install(prepared.loaded)
+            serving = row.version
+        outcome = "ok"
+    except BNServeError as exc:
+        outcome = exc.code
+        raise
+    finally:
+        services.metrics.uploads.labels(outcome).inc()
     return VersionPublic.of(row, serving)
 
 

@@ -1,0 +1,67 @@
+"""Receiving a multipart upload into a temp file in the data dir.
+
+Routes parse the form themselves instead of declaring FastAPI `File()` parameters, so that the
+body-size 413 and multipart errors reach the client as they are rather than as a generic 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from fastapi import Request
+from starlette.datastructures import FormData, UploadFile
+
+from service.api.deps import Services
+from service.errors import InvalidInput
+
+
+@dataclass
+class ReceivedFile:
+    path: Path
+    filename: str
+    form: FormData
+
+    def text(self, field: str) -> str | None:
+        value = self.form.get(field)
+        return value if isinstance(value, str) else None
+
+
+def upload_form(**fields: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI for a multipart body with a required `file` and optional text fields."""
+    properties = {"file": {"type": "string", "format": "binary"}, **fields}
+    schema = {"type": "object", "required": ["file"], "properties": properties}
+    return {
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
+    }
+
+
+def _copy(source: IO[bytes], target: Path) -> None:
+    with open(target, "xb") as handle:
+        shutil.copyfileobj(source, handle, 1 << 20)
+
+
+@asynccontextmanager
+async def received_file(
+    request: Request, services: Services, *, expected: str
+) -> AsyncIterator[ReceivedFile]:
+    """The form's `file` in a temp file (removed afterwards); `expected` says what it should be."""
+    async with request.form(max_files=1, max_fields=8) as form:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidInput(
+                f"multipart form field 'file' is required: {expected}", code="missing_file"
+            )
+        folder = services.settings.upload_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        path = services.owner.temp_path(folder)
+        try:
+            await asyncio.to_thread(_copy, upload.file, path)
+            yield ReceivedFile(path, upload.filename or "", form)
+        finally:
+            path.unlink(missing_ok=True)
