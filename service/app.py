@@ -14,15 +14,19 @@ from service.api.auth import load_or_create_token
 from service.api.deps import Services
 from service.api.errors import install_error_handlers
 from service.api.limits import BodyLimitMiddleware
-from service.api.routes import architectures, health, models, predict, versions
+from service.api.routes import architectures, datasets, health, jobs, models, predict, versions
 from service.checkpoints.store import CheckpointStore
+from service.datasets.store import DatasetStore
 from service.db.engine import make_engine, make_sessionmaker, migrate
+from service.demo import seed_demo
 from service.files import Owner
+from service.jobs import JobQueue
 from service.metrics import Metrics
 from service.registry import Registry
 from service.serving.device import resolve_device
 from service.serving.manager import ModelManager
 from service.settings import Settings
+from service.worker.supervisor import WorkerSupervisor
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +37,16 @@ def build_services(settings: Settings) -> Services:
     load_plugins(settings.ARCHITECTURE_PLUGINS)
     engine = make_engine(settings.database_url)
     migrate(engine, settings.DATA_DIR)
+    sessions = make_sessionmaker(engine)
     owner = Owner(settings.DATA_DIR)
-    registry = Registry(make_sessionmaker(engine), CheckpointStore(settings.checkpoint_dir, owner))
+    registry = Registry(sessions, CheckpointStore(settings.checkpoint_dir, owner))
     registry.recover_store()
+    datasets = DatasetStore(settings.dataset_dir, owner, sessions)
+    datasets.sweep()
     owner.sweep(settings.upload_dir)
+    jobs = JobQueue(sessions)
+    if settings.DEMO:
+        seed_demo(settings, registry, datasets, jobs, owner)
     device = resolve_device(settings.DEVICE)
     log.info("serving on %s", device)
     metrics = Metrics()
@@ -52,6 +62,8 @@ def build_services(settings: Settings) -> Services:
         settings=settings,
         registry=registry,
         manager=manager,
+        datasets=datasets,
+        jobs=jobs,
         owner=owner,
         token=load_or_create_token(settings),
         device=device,
@@ -65,9 +77,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     services = await asyncio.to_thread(build_services, settings)
     app.state.services = services
     await services.manager.start()
+    supervisor = WorkerSupervisor(settings, services.jobs)
+    await supervisor.start()
+    app.state.workers = supervisor
     try:
         yield
     finally:
+        await supervisor.stop()
         await services.manager.stop()
         services.owner.close()
 
@@ -84,6 +100,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.add_middleware(BodyLimitMiddleware, limit=settings.MAX_UPLOAD_BYTES)
     install_error_handlers(app)
-    for module in (health, architectures, models, versions, predict):
+    for module in (health, architectures, models, versions, predict, datasets, jobs):
         app.include_router(module.router)
     return app

@@ -110,6 +110,11 @@ def write_durably(path: Path, chunks: Iterable[bytes]) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
 def publish(temp: Path, final: Path) -> None:
     """Move a complete temp file to its final name so that the move survives a crash."""
     os.replace(temp, final)

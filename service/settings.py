@@ -100,3 +100,21 @@ class Settings(BaseSettings):
     @property
     def token_file(self) -> Path:
         return self.DATA_DIR / "api-token"
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a child process (a worker) these same settings."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, list):
+            text = ",".join(str(v) for v in value)
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, Path):
+            text = str(value.resolve())
+        else:
+            text = str(value)
+        env[f"BNSERVE_{name}"] = text
+    return env

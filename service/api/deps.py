@@ -10,7 +10,9 @@ import torch
 from fastapi import Depends, Request
 
 from service.api.auth import check_bearer
+from service.datasets.store import DatasetStore
 from service.files import Owner
+from service.jobs import JobQueue
 from service.metrics import Metrics
 from service.registry import Registry
 from service.serving.manager import ModelManager
@@ -24,6 +26,8 @@ class Services:
     settings: Settings
     registry: Registry
     manager: ModelManager
+    datasets: DatasetStore
+    jobs: JobQueue
     owner: Owner
     token: str
     device: torch.device

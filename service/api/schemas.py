@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.db.tables import ModelRow, VersionRow
+from service.db.tables import DatasetRow, JobRow, ModelRow, VersionRow
 
 
 class ErrorBody(BaseModel):
@@ -118,3 +118,103 @@ class PredictResponse(BaseModel):
     labels: list[str] | None = Field(
         default=None, description="class label of each prediction, when the model has labels"
     )
+
+
+class DatasetPublic(BaseModel):
+    id: str
+    name: str
+    num_samples: int
+    x_shape: list[int]
+    y_shape: list[int]
+    y_kind: str
+    sha256: str
+    size_bytes: int
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: DatasetRow) -> DatasetPublic:
+        return cls.model_validate(row, from_attributes=True)
+
+
+class JobCreate(BaseModel):
+    """A training job (`kind: train`) or a BN recalibration (`kind: recalibrate_bn`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    dataset: str
+    kind: Literal["train", "recalibrate_bn"] = "train"
+    base_version: int | Literal["serving"] | None = Field(
+        default=None,
+        description="a version number, 'serving', or null for fresh weights "
+        "(recalibrate_bn defaults to 'serving')",
+    )
+    epochs: int | None = Field(default=None, ge=1, le=1000)
+    batch_size: int = Field(default=64, ge=2, le=65536)
+    lr: float | None = Field(default=None, gt=0, le=10)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: float | None = Field(default=None, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0, lt=1)
+    l1: float = Field(default=0.0, ge=0)
+    val_fraction: float = Field(default=0.2, ge=0, lt=1)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    promote: Literal["never", "always", "if_better"] = "if_better"
+
+
+class JobProgress(BaseModel):
+    epoch: int = 0
+    epochs: int = 0
+    step: int = 0
+    steps: int = 0
+
+
+class JobPublic(BaseModel):
+    id: str
+    kind: str
+    model: str
+    dataset: str
+    base_version: int | str | None
+    status: str
+    progress: JobProgress
+    metrics: list[dict[str, Any]]
+    params: dict[str, Any]
+    promote: str
+    result_version: int | None
+    promoted: bool | None
+    error: str | None
+    attempts: int
+    worker: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, row: JobRow) -> JobPublic:
+        base: int | str | None = row.base_version
+        if isinstance(base, str) and base.isdigit():
+            base = int(base)
+        progress = (
+            JobProgress(**row.progress)
+            if row.progress
+            else JobProgress(epochs=int(row.params.get("epochs") or 0))
+        )
+        return cls(
+            id=row.id,
+            kind=row.kind,
+            model=row.model_name,
+            dataset=row.dataset_id,
+            base_version=base,
+            status=row.status,
+            progress=progress,
+            metrics=row.metrics,
+            params=row.params,
+            promote=row.promote,
+            result_version=row.result_version,
+            promoted=row.promoted,
+            error=row.error,
+            attempts=row.attempts,
+            worker=row.worker_id,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )

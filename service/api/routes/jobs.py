@@ -1,0 +1,126 @@
+"""Training and BN-recalibration jobs: created here, run by worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from pydantic import ValidationError
+
+from models import get_architecture
+from service.api.deps import ReadAuth, Services, ServicesDep, WriteAuth
+from service.api.schemas import JobCreate, JobPublic
+from service.datasets.reader import check_dataset_for_model
+from service.db.tables import JobRow
+from service.errors import InvalidInput, NotServing
+from service.training.trainer import TrainParams, validate_trainable
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+def _validated_params(body: JobCreate, num_samples: int) -> dict[str, Any]:
+    if body.kind == "recalibrate_bn":
+        if num_samples < 2:
+            raise InvalidInput("recalibration needs at least 2 samples", code="dataset_too_small")
+        return {"batch_size": body.batch_size, "seed": body.seed}
+    missing = [f for f in ("epochs", "lr") if getattr(body, f) is None]
+    if missing:
+        raise InvalidInput(f"a training job needs {' and '.join(missing)}", code="missing_field")
+    fields = body.model_dump(
+        include={
+            "epochs",
+            "batch_size",
+            "lr",
+            "optimizer",
+            "momentum",
+            "weight_decay",
+            "l1",
+            "val_fraction",
+            "seed",
+        },
+        exclude_none=True,
+    )
+    try:
+        params = TrainParams.model_validate(fields)
+    except ValidationError as exc:
+        errors = [
+            {"field": ".".join(map(str, e["loc"])), "message": e["msg"]} for e in exc.errors()
+        ]
+        raise InvalidInput(
+            f"invalid hyperparameters: {errors[0]['message']}",
+            code="invalid_hyperparameters",
+            errors=errors,
+        ) from None
+    try:
+        validate_trainable(num_samples, params)
+    except ValueError as exc:
+        raise InvalidInput(
+            f"dataset of {num_samples} samples cannot train: {exc}", code="dataset_too_small"
+        ) from None
+    if body.promote == "if_better" and params.val_fraction == 0:
+        raise InvalidInput(
+            "promote 'if_better' compares on the validation split: set val_fraction > 0, or "
+            "use promote 'always' or 'never'",
+            code="invalid_promote",
+        )
+    return params.model_dump(mode="json", exclude_none=True)
+
+
+def _create(services: Services, body: JobCreate) -> JobRow:
+    """Check everything a worker would trip over before the job is queued."""
+    model = services.registry.get_model(body.model)
+    dataset_row = services.datasets.get(body.dataset)
+    config = get_architecture(model.architecture).parse_config(model.config)
+    dataset = services.datasets.load(dataset_row)
+    check_dataset_for_model(
+        dataset,
+        input_shape=tuple(config.input_shape()),
+        task=config.task,
+        num_outputs=config.num_outputs(),
+    )
+    base = body.base_version
+    if base is None and body.kind == "recalibrate_bn":
+        base = "serving"
+    if base == "serving" and model.serving_version is None:
+        raise NotServing(f"model {model.name!r} has no serving version to start from")
+    if isinstance(base, int):
+        services.registry.get_version(model.name, base)
+    params = _validated_params(body, dataset.num_samples)
+    return services.jobs.create(
+        kind=body.kind,
+        model_id=model.id,
+        model_name=model.name,
+        dataset_id=dataset_row.id,
+        base_version=None if base is None else str(base),
+        params=params,
+        promote=body.promote,
+    )
+
+
+@router.post("", status_code=202, dependencies=[WriteAuth])
+async def create_job(body: JobCreate, services: ServicesDep) -> JobPublic:
+    return JobPublic.of(await asyncio.to_thread(_create, services, body))
+
+
+@router.get("", dependencies=[ReadAuth])
+async def list_jobs(
+    services: ServicesDep,
+    status: Annotated[
+        str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[JobPublic]:
+    rows = await asyncio.to_thread(services.jobs.recent, status=status, limit=limit)
+    return [JobPublic.of(r) for r in rows]
+
+
+@router.get("/{job_id}", dependencies=[ReadAuth])
+async def get_job(job_id: str, services: ServicesDep) -> JobPublic:
+    return JobPublic.of(await asyncio.to_thread(services.jobs.get, job_id))
+
+
+@router.post("/{job_id}/cancel", status_code=202, dependencies=[WriteAuth])
+async def cancel_job(job_id: str, services: ServicesDep) -> JobPublic:
+    """A queued job ends `cancelled` at once; a running one stops within a training step."""
+    return JobPublic.of(await asyncio.to_thread(services.jobs.cancel, job_id))

@@ -1,0 +1,194 @@
+"""The training-job queue in the database, shared by the API processes and every worker.
+
+Claiming is atomic: on PostgreSQL the oldest queued row is taken with `FOR UPDATE SKIP LOCKED`,
+so concurrent workers skip each other's rows instead of waiting; on SQLite every write
+transaction starts with BEGIN IMMEDIATE (see `db.engine`), so select-then-update cannot
+interleave between processes. A running job carries its worker's heartbeat; one whose heartbeat
+stops is queued again (up to `JOB_MAX_ATTEMPTS`) or failed by whoever notices first.
+
+Blocking: call from a thread.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db.tables import JobRow, utcnow
+from service.errors import Conflict, NotFound
+
+ACTIVE = ("queued", "running")
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+class JobQueue:
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+
+    def create(
+        self,
+        *,
+        kind: str,
+        model_id: str,
+        model_name: str,
+        dataset_id: str,
+        base_version: str | None,
+        params: dict[str, Any],
+        promote: str,
+    ) -> JobRow:
+        row = JobRow(
+            id=uuid.uuid4().hex,
+            kind=kind,
+            model_id=model_id,
+            model_name=model_name,
+            dataset_id=dataset_id,
+            base_version=base_version,
+            params=params,
+            promote=promote,
+            status="queued",
+            progress={},
+            metrics=[],
+            cancel_requested=False,
+            attempts=0,
+            created_at=utcnow(),
+        )
+        with self._sessions.begin() as session:
+            session.add(row)
+        return row
+
+    def get(self, job_id: str) -> JobRow:
+        with self._sessions.begin() as session:
+            row = session.get(JobRow, job_id)
+            if row is None:
+                raise NotFound(f"job {job_id!r} does not exist", code="job_not_found")
+            return row
+
+    def recent(self, *, status: str | None = None, limit: int = 100) -> list[JobRow]:
+        query = select(JobRow).order_by(JobRow.created_at.desc()).limit(limit)
+        if status is not None:
+            query = query.where(JobRow.status == status)
+        with self._sessions.begin() as session:
+            return list(session.scalars(query))
+
+    def cancel(self, job_id: str) -> JobRow:
+        """A queued job ends at once; a running one is flagged and its worker stops it."""
+        with self._sessions.begin() as session:
+            row = session.get(JobRow, job_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"job {job_id!r} does not exist", code="job_not_found")
+            if row.status in FINAL:
+                raise Conflict(f"job {job_id} already ended {row.status}", code="job_finished")
+            row.cancel_requested = True
+            if row.status == "queued":
+                row.status = "cancelled"
+                row.finished_at = utcnow()
+            return row
+
+    # Worker side
+
+    def claim(self, worker_id: str) -> JobRow | None:
+        with self._sessions.begin() as session:
+            row = session.scalar(
+                select(JobRow)
+                .where(JobRow.status == "queued")
+                .order_by(JobRow.created_at)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
+            if row is None:
+                return None
+            now = utcnow()
+            row.status = "running"
+            row.worker_id = worker_id
+            row.attempts += 1
+            row.started_at = now
+            row.heartbeat_at = now
+            row.error = None
+            return row
+
+    def heartbeat(self, job_id: str, worker_id: str, progress: dict[str, Any] | None) -> bool:
+        """Record that the worker lives; False when it must stop (cancelled or taken from it)."""
+        with self._sessions.begin() as session:
+            row = session.get(JobRow, job_id, with_for_update=True)
+            if row is None or row.status != "running" or row.worker_id != worker_id:
+                return False
+            row.heartbeat_at = utcnow()
+            if progress is not None:
+                row.progress = progress
+            return not row.cancel_requested
+
+    def add_epoch(self, job_id: str, worker_id: str, metrics: dict[str, Any]) -> None:
+        with self._sessions.begin() as session:
+            row = session.get(JobRow, job_id, with_for_update=True)
+            if row is not None and row.worker_id == worker_id and row.status == "running":
+                row.metrics = [*row.metrics, metrics]
+
+    def finish(
+        self,
+        job_id: str,
+        worker_id: str,
+        status: str,
+        *,
+        result_version: int | None = None,
+        promoted: bool | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """End a job this worker holds; False when it no longer holds it."""
+        with self._sessions.begin() as session:
+            row = session.get(JobRow, job_id, with_for_update=True)
+            if row is None or row.worker_id != worker_id or row.status != "running":
+                return False
+            now = utcnow()
+            row.status = status
+            row.result_version = result_version
+            row.promoted = promoted
+            row.error = error
+            row.finished_at = now
+            if row.started_at is not None:
+                row.duration_s = (now - row.started_at).total_seconds()
+            return True
+
+    def release(self, job_id: str, worker_id: str) -> None:
+        """Hand a job back to the queue (worker shutting down), not counting the attempt."""
+        with self._sessions.begin() as session:
+            session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.worker_id == worker_id)
+                .where(JobRow.status == "running")
+                .values(
+                    status="queued",
+                    worker_id=None,
+                    attempts=JobRow.attempts - 1,
+                    progress={},
+                    metrics=[],
+                )
+            )
+
+    def reap_stale(self, stale_after_s: float, max_attempts: int) -> list[str]:
+        """Requeue or fail running jobs whose worker stopped heartbeating; returns their ids."""
+        cutoff = utcnow() - timedelta(seconds=stale_after_s)
+        reaped: list[str] = []
+        with self._sessions.begin() as session:
+            rows = session.scalars(
+                select(JobRow)
+                .where(JobRow.status == "running", JobRow.heartbeat_at < cutoff)
+                .with_for_update(skip_locked=True)
+            )
+            for row in rows:
+                reaped.append(row.id)
+                lost = f"worker {row.worker_id} stopped heartbeating (attempt {row.attempts})"
+                if row.cancel_requested:
+                    row.status, row.error = "cancelled", None
+                elif row.attempts < max_attempts:
+                    row.status, row.error = "queued", lost + "; queued again"
+                    row.progress, row.metrics = {}, []
+                else:
+                    row.status, row.error = "failed", lost + "; no attempts left"
+                row.worker_id = None
+                if row.status != "queued":
+                    row.finished_at = utcnow()
+        return reaped

@@ -1,0 +1,1 @@
+"""Training workers: processes that claim jobs from the database, train, and publish versions."""

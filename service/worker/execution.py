@@ -1,0 +1,186 @@
+"""Running one job: train (or recalibrate BN) a private copy, then publish the result as a version.
+
+The model trained here is built from scratch or from a stored version's weights in this worker
+process; it is never an object that serves predictions. The result goes through the same
+`publishing.prepare` (validation, canonical bytes, gate) and `publish` as an upload, and a promote
+is one database update that every API process follows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from models import get_architecture
+from service.checkpoints.validation import state_dict_from_safetensors
+from service.datasets.store import DatasetStore
+from service.db.tables import JobRow, ModelRow
+from service.publishing import prepare, publish
+from service.registry import Registry
+from service.training.recalibration import recalibrate_bn
+from service.training.trainer import EpochMetrics, TrainParams, compare, evaluate, train
+
+log = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    """The job was cancelled (or taken from this worker) before it published anything."""
+
+
+@dataclass
+class Outcome:
+    result_version: int
+    promoted: bool
+
+
+@dataclass
+class JobHooks:
+    should_stop: Callable[[], bool]
+    on_progress: Callable[[dict[str, Any]], None]
+    on_epoch: Callable[[dict[str, Any]], None]
+
+
+def resolve_base(job: JobRow, model: ModelRow) -> int | None:
+    if job.base_version is None:
+        return None
+    if job.base_version == "serving":
+        if model.serving_version is None:
+            raise ValueError(f"model {model.name!r} has no serving version to start from")
+        return model.serving_version
+    return int(job.base_version)
+
+
+def _weights(registry: Registry, name: str, version: int) -> dict[str, torch.Tensor]:
+    _, _, data = registry.read_checkpoint(name, version)
+    return state_dict_from_safetensors(data)
+
+
+def run_job(
+    job: JobRow,
+    registry: Registry,
+    datasets: DatasetStore,
+    device: torch.device,
+    hooks: JobHooks,
+) -> Outcome:
+    model = registry.get_model(job.model_name)
+    if model.id != job.model_id:
+        raise ValueError(f"model {job.model_name!r} was deleted and created again")
+    arch = get_architecture(model.architecture)
+    config = arch.parse_config(model.config)
+    parent = resolve_base(job, model)
+    module = arch.build(config)
+    if parent is not None:
+        module.load_state_dict(_weights(registry, model.name, parent))
+    dataset_row = datasets.get(job.dataset_id)
+    data = datasets.load(dataset_row)
+    epochs = int(job.params.get("epochs") or 1)
+
+    def on_step(epoch: int, step: int, steps: int) -> None:
+        hooks.on_progress({"epoch": epoch, "epochs": epochs, "step": step, "steps": steps})
+
+    lineage: dict[str, Any] = {
+        "job_id": job.id,
+        "kind": job.kind,
+        "parent_version": parent,
+        "dataset_id": dataset_row.id,
+        "dataset_sha256": dataset_row.sha256,
+        "hyperparameters": dict(job.params),
+    }
+    if job.kind == "recalibrate_bn":
+        done = recalibrate_bn(
+            module,
+            data.x,
+            batch_size=int(job.params["batch_size"]),
+            should_stop=hooks.should_stop,
+            on_step=on_step,
+            device=device,
+            seed=int(job.params.get("seed") or 0),
+        )
+        if not done:
+            raise Cancelled
+        source, better = "recalibrate", True
+    else:
+
+        def on_epoch(m: EpochMetrics) -> None:
+            hooks.on_epoch(asdict(m))
+
+        params = TrainParams.model_validate(job.params)
+        result = train(
+            module,
+            data.x,
+            data.y,
+            task=config.task,
+            params=params,
+            should_stop=hooks.should_stop,
+            on_step=on_step,
+            on_epoch=on_epoch,
+            device=device,
+        )
+        if result.stopped:
+            raise Cancelled
+        lineage["seed"] = result.seed
+        lineage["metrics"] = {
+            "val_loss": result.final_val_loss,
+            "val_accuracy": result.final_val_accuracy,
+            "epochs": [asdict(m) for m in result.metrics],
+        }
+        module.load_state_dict(result.state_dict)
+        source, better = "train", True
+        if job.promote == "if_better":
+            better = _better_than_serving(
+                registry,
+                model.name,
+                module,
+                data.x,
+                data.y,
+                result.val_indices,
+                config.task,
+                (result.final_val_loss, result.final_val_accuracy),
+                device,
+                lineage,
+            )
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    prepared = prepare(model, state, device)
+    if hooks.should_stop():  # the last moment a cancel can still leave nothing behind
+        raise Cancelled
+    row = publish(registry, prepared, source=source, note=f"job {job.id}", lineage=lineage)
+    promote = job.promote == "always" or (job.promote == "if_better" and better)
+    if promote:
+        registry.set_serving(model.name, row.version)
+    log.info("job %s stored %s version %d (promoted: %s)", job.id, model.name, row.version, promote)
+    return Outcome(result_version=row.version, promoted=promote)
+
+
+def _better_than_serving(
+    registry: Registry,
+    name: str,
+    trained: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    val_indices: torch.Tensor,
+    task: str,
+    new: tuple[float | None, float | None],
+    device: torch.device,
+    lineage: dict[str, Any],
+) -> bool:
+    """Whether the trained weights are at least as good as the serving version's on this split."""
+    serving = registry.get_model(name).serving_version
+    if serving is None:
+        lineage["compared_with"] = None
+        return True
+    if new[0] is None:
+        raise ValueError("if_better needs a validation split (val_fraction > 0)")
+    model = registry.get_model(name)
+    arch = get_architecture(model.architecture)
+    current = arch.build(arch.parse_config(model.config))
+    current.load_state_dict(_weights(registry, name, serving))
+    current.to(device)
+    x_val, y_val = x[val_indices], y[val_indices]
+    old = evaluate(current, x_val, y_val, task)
+    lineage["compared_with"] = {"version": serving, "val_loss": old[0], "val_accuracy": old[1]}
+    return compare((new[0], new[1]), old, task)

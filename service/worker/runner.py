@@ -1,0 +1,113 @@
+"""The worker loop: claim a job, run it with a heartbeat beside it, record how it ended.
+
+A heartbeat thread writes progress and the heartbeat every `WORKER_HEARTBEAT_S` and reads back
+whether the job was cancelled; the training loop checks that flag before every step, so a cancel
+takes effect within one step of the heartbeat seeing it. On SIGTERM the worker stops its job and
+hands it back to the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import traceback
+from typing import Any
+
+import torch
+
+from service.checkpoints.store import CheckpointStore
+from service.datasets.store import DatasetStore
+from service.db.engine import make_engine, make_sessionmaker, migrate
+from service.db.tables import JobRow
+from service.files import Owner
+from service.jobs import JobQueue
+from service.registry import Registry
+from service.serving.device import resolve_device
+from service.settings import Settings
+from service.worker.execution import Cancelled, JobHooks, run_job
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, settings: Settings) -> None:
+        from models import load_plugins
+
+        self.settings = settings
+        load_plugins(settings.ARCHITECTURE_PLUGINS)
+        engine = make_engine(settings.database_url)
+        migrate(engine, settings.DATA_DIR)
+        sessions = make_sessionmaker(engine)
+        self.owner = Owner(settings.DATA_DIR)
+        self.registry = Registry(sessions, CheckpointStore(settings.checkpoint_dir, self.owner))
+        self.datasets = DatasetStore(settings.dataset_dir, self.owner, sessions)
+        self.queue = JobQueue(sessions)
+        self.device = resolve_device(settings.DEVICE)
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{self.owner.token[:6]}"
+        self.shutdown = threading.Event()
+
+    def run_forever(self) -> None:
+        log.info("worker %s ready on %s", self.id, self.device)
+        while not self.shutdown.is_set():
+            self.queue.reap_stale(self.settings.JOB_STALE_AFTER_S, self.settings.JOB_MAX_ATTEMPTS)
+            job = self.queue.claim(self.id)
+            if job is None:
+                self.shutdown.wait(self.settings.WORKER_POLL_S)
+                continue
+            self.run_one(job)
+        self.owner.close()
+
+    def run_one(self, job: JobRow) -> None:
+        log.info("worker %s runs job %s (%s %s)", self.id, job.id, job.kind, job.model_name)
+        stop = threading.Event()
+        progress: dict[str, Any] = {}
+        beating = threading.Event()
+
+        def beat() -> None:
+            while not beating.wait(self.settings.WORKER_HEARTBEAT_S):
+                try:
+                    if not self.queue.heartbeat(job.id, self.id, dict(progress) or None):
+                        stop.set()
+                except Exception:
+                    log.exception("heartbeat for job %s failed", job.id)
+
+        hooks = JobHooks(
+            should_stop=lambda: stop.is_set() or self.shutdown.is_set(),
+            on_progress=progress.update,
+            on_epoch=lambda metrics: self.queue.add_epoch(job.id, self.id, metrics),
+        )
+        thread = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
+        thread.start()
+        try:
+            outcome = run_job(job, self.registry, self.datasets, self.device, hooks)
+        except Cancelled:
+            if self.shutdown.is_set() and not stop.is_set():
+                self.queue.release(job.id, self.id)
+                log.info("job %s handed back to the queue on shutdown", job.id)
+            else:
+                self.queue.finish(job.id, self.id, "cancelled")
+                log.info("job %s cancelled", job.id)
+        except Exception as exc:
+            log.error("job %s failed:\n%s", job.id, traceback.format_exc())
+            self.queue.finish(job.id, self.id, "failed", error=_describe(exc))
+        else:
+            self.queue.heartbeat(job.id, self.id, dict(progress) or None)
+            self.queue.finish(
+                job.id,
+                self.id,
+                "succeeded",
+                result_version=outcome.result_version,
+                promoted=outcome.promoted,
+            )
+        finally:
+            beating.set()
+            thread.join()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _describe(exc: Exception) -> str:
+    detail = getattr(exc, "detail", None)
+    return f"{type(exc).__name__}: {detail or exc}"

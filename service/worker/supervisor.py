@@ -1,0 +1,88 @@
+"""Worker processes started by the API server (`BNSERVE_WORKERS`), and the stale-job reaper.
+
+Workers are separate processes running exactly `python -m service.worker`, the same program an
+operator runs on another machine: training never shares the API's event loop or GIL. A worker
+that exits is started again (after a pause, so a crash loop cannot spin); on shutdown each gets
+SIGTERM, hands its job back to the queue, and is killed if it has not exited in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from service.jobs import JobQueue
+from service.settings import Settings, settings_env
+
+log = logging.getLogger(__name__)
+
+RESTART_DELAY_S = 2.0
+STOP_TIMEOUT_S = 15.0
+
+
+class WorkerSupervisor:
+    def __init__(self, settings: Settings, queue: JobQueue) -> None:
+        self._settings = settings
+        self._queue = queue
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p.poll() is None]
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        env = {**os.environ, **settings_env(self._settings)}
+        proc = subprocess.Popen([sys.executable, "-m", "service.worker"], env=env)
+        log.info("started training worker pid %d", proc.pid)
+        return proc
+
+    async def start(self) -> None:
+        self._procs = [self._spawn() for _ in range(self._settings.WORKERS)]
+        self._task = asyncio.create_task(self._watch(), name="worker-supervisor")
+
+    async def _watch(self) -> None:
+        interval = min(RESTART_DELAY_S, self._settings.JOB_STALE_AFTER_S / 3)
+        while True:
+            await asyncio.sleep(interval)
+            for i, proc in enumerate(self._procs):
+                if proc.poll() is not None:
+                    log.error(
+                        "training worker pid %d exited with %s; restarting",
+                        proc.pid,
+                        proc.returncode,
+                    )
+                    self._procs[i] = self._spawn()
+            try:
+                # Also here, so jobs of dead workers end even when no worker is left to notice.
+                await asyncio.to_thread(
+                    self._queue.reap_stale,
+                    self._settings.JOB_STALE_AFTER_S,
+                    self._settings.JOB_MAX_ATTEMPTS,
+                )
+            except Exception:
+                log.exception("reaping stale jobs failed")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(self._wait_all)
+
+    def _wait_all(self) -> None:
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.warning("worker pid %d did not stop in time; killing it", proc.pid)
+                proc.kill()
+                proc.wait()
