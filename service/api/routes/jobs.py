@@ -64,7 +64,9 @@ def _validated_params(body: JobCreate, num_samples: int) -> dict[str, Any]:
             "use promote 'always' or 'never'",
             code="invalid_promote",
         )
-    return params.model_dump(mode="json", exclude_none=True)
+    # momentum only means something to SGD (TrainParams refuses it set for Adam/AdamW).
+    skip = {"momentum"} if params.optimizer != "sgd" else set()
+    return params.model_dump(mode="json", exclude_none=True, exclude=skip)
 
 
 def _create(services: Services, body: JobCreate) -> JobRow:
