@@ -170,10 +170,11 @@ class Registry:
                 .join(ModelRow)
                 .where(ModelRow.name == name, VersionRow.version == version)
             )
-            if row is None:
-                self.get_model(name)  # 404 for the model first, when that is what is missing
-                raise NotFound(f"model {name!r} has no version {version}", code="version_not_found")
-            return row
+        if row is None:
+            # Outside the transaction: a nested one would wait on this one's SQLite write lock.
+            self.get_model(name)  # 404 for the model first, when that is what is missing
+            raise NotFound(f"model {name!r} has no version {version}", code="version_not_found")
+        return row
 
     def list_versions(self, name: str) -> list[VersionRow]:
         return list(self.get_model(name).versions)
