@@ -199,6 +199,8 @@ def postgres_url() -> Iterator[str]:
     try:
         admin = psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as exc:
+        if os.environ.get("BNSERVE_TEST_REQUIRE_POSTGRES"):
+            pytest.fail(f"PostgreSQL required (CI) but not reachable at {POSTGRES_URL}: {exc}")
         pytest.skip(
             f"PostgreSQL not reachable at {POSTGRES_URL} ({exc}); set BNSERVE_TEST_POSTGRES_URL"
         )

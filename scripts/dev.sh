@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Set-up and run in one step on a fresh machine:
+#   scripts/dev.sh serve   creates .venv, installs bnserve, starts the API (+1 training worker) with
+#                          the demo model on http://127.0.0.1:8000
+#   scripts/dev.sh test    creates .venv, installs bnserve with its dev tools, runs ruff, mypy, pytest
+# PyTorch comes first and pinned (TORCH_SPEC, default torch==2.13.0): the project's range would
+# otherwise let pip fetch a multi-GB CUDA build. Extra arguments go to uvicorn's server / pytest.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+
+find_python() {
+    for candidate in "${PYTHON:-}" python3.11 python3; do
+        if [ -n "$candidate" ] && command -v "$candidate" >/dev/null 2>&1 &&
+            "$candidate" -c 'import sys, venv; sys.exit(sys.version_info[:2] < (3, 11))' 2>/dev/null; then
+            echo "$candidate"
+            return
+        fi
+    done
+    echo "installing Python 3.11+ with apt-get" >&2
+    apt-get update -qq && apt-get install -y -qq python3 python3-venv python3-pip >&2
+    echo python3
+}
+
+setup() {
+    local extras="$1"
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$(find_python)" -m venv "$VENV"
+    fi
+    # Reinstall only when what we install changed.
+    local stamp="$VENV/.bnserve-installed"
+    local want
+    want="$TORCH_SPEC $extras $(sha256sum pyproject.toml | cut -c1-16)"
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        "$VENV/bin/python" -m pip install --quiet --upgrade pip
+        "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
+        "$VENV/bin/python" -m pip install --quiet -e ".$extras"
+        echo "$want" > "$stamp"
+    fi
+}
+
+command="${1:-}"
+shift || true
+case "$command" in
+    serve)
+        setup "[postgres]"
+        exec "$VENV/bin/python" -m service "$@"
+        ;;
+    test)
+        setup "[dev]"
+        "$VENV/bin/ruff" check service models tests bench
+        "$VENV/bin/ruff" format --check service models tests bench
+        "$VENV/bin/mypy"
+        exec "$VENV/bin/python" -m pytest "$@"
+        ;;
+    *)
+        echo "usage: scripts/dev.sh serve|test [args]" >&2
+        exit 2
+        ;;
+esac
