@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from models import Architecture, ConfigError, UnknownArchitecture, get_architecture
@@ -64,19 +65,25 @@ class Registry:
     def create_model(self, name: str, architecture: str, config: dict[str, Any]) -> ModelRow:
         check_name(name)
         _, cfg = parse_config(architecture, config)
-        with self._tx() as session:
-            if session.scalar(select(ModelRow.id).where(ModelRow.name == name)) is not None:
-                raise Conflict(f"model {name!r} already exists", code="model_exists")
-            row = ModelRow(
-                id=uuid.uuid4().hex,
-                name=name,
-                architecture=architecture,
-                config=cfg.model_dump(mode="json"),
-                last_version=0,
-            )
-            session.add(row)
-            session.flush()
-            row.versions = []
+        exists = Conflict(f"model {name!r} already exists", code="model_exists")
+        try:
+            with self._tx() as session:
+                if session.scalar(select(ModelRow.id).where(ModelRow.name == name)) is not None:
+                    raise exists
+                row = ModelRow(
+                    id=uuid.uuid4().hex,
+                    name=name,
+                    architecture=architecture,
+                    config=cfg.model_dump(mode="json"),
+                    last_version=0,
+                )
+                session.add(row)
+                session.flush()
+                row.versions = []
+        except IntegrityError:
+            # Another process created the same name between the check and the insert (possible
+            # on PostgreSQL, where the check takes no lock): the unique index decides.
+            raise exists from None
         return row
 
     def get_model(self, name: str) -> ModelRow:
@@ -204,6 +211,10 @@ class Registry:
 
     def recover_store(self) -> list[str]:
         """Reconcile checkpoint files with the rows after a crash (run on start)."""
+        return self.store.recover(self._recorded_files)
+
+    def _recorded_files(self) -> dict[str, dict[str, str]]:
+        """Model id -> {filename: sha256} of every recorded version."""
         with self._tx() as session:
             known: dict[str, dict[str, str]] = {
                 model_id: {} for model_id in session.scalars(select(ModelRow.id))
@@ -212,4 +223,4 @@ class Registry:
                 select(VersionRow.model_id, VersionRow.filename, VersionRow.sha256)
             ):
                 known.setdefault(model_id, {})[filename] = sha
-        return self.store.recover(known)
+        return known

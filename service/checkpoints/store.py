@@ -6,6 +6,10 @@ version row, then `publish` renames the temp file to `v<N>.safetensors`. A crash
 commit leaves only a dead writer's temp file, which `recover` deletes; a crash between commit and
 rename leaves a row whose temp file `recover` (or the next read) moves into place. Version
 numbers are never reused, so a `v<N>` file without a row can always be deleted.
+
+Replicas share the folder, so one process may recover while another publishes. `recover` lists
+the files before it reads the rows: a file only appears under its final name after its row is
+committed, so any listed file that has no row by then really is an orphan.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +61,14 @@ class CheckpointStore:
 
     def publish(self, staged: StagedCheckpoint, version: int) -> str:
         name = version_filename(version)
-        publish(staged.path, self.model_dir(staged.model_id) / name)
+        final = self.model_dir(staged.model_id) / name
+        try:
+            publish(staged.path, final)
+        except FileNotFoundError:
+            # Another process's `recover` rolled this version forward between our commit and
+            # this rename; the row is committed, so the file it moved is ours.
+            if not final.exists():
+                raise
         return name
 
     def discard(self, staged: StagedCheckpoint) -> None:
@@ -87,11 +99,18 @@ class CheckpointStore:
     def delete_model(self, model_id: str) -> None:
         shutil.rmtree(self.model_dir(model_id), ignore_errors=True)
 
-    def recover(self, known: dict[str, dict[str, str]]) -> list[str]:
+    def recover(self, read_known: Callable[[], dict[str, dict[str, str]]]) -> list[str]:
         """Make the folder agree with the registry after a crash; returns what it did.
 
-        `known` maps model id -> {filename: sha256} for every recorded version.
+        `read_known` returns model id -> {filename: sha256} for every recorded version; it is
+        called after the folder is listed (see the module docstring for why).
         """
+        listed = {
+            folder.name: list(folder.iterdir())
+            for folder in self.root.iterdir()
+            if folder.is_dir() and not folder.name.startswith(".")
+        }
+        known = read_known()
         actions: list[str] = []
         for model_id, files in known.items():
             for filename, sha in files.items():
@@ -99,22 +118,22 @@ class CheckpointStore:
                     model_id, filename, sha
                 ):
                     actions.append(f"rolled forward {model_id}/{filename}")
-        for folder in self.root.iterdir():
-            if not folder.is_dir() or folder.name.startswith("."):
-                continue
-            if folder.name not in known:
+        for model_id, paths in listed.items():
+            folder = self.model_dir(model_id)
+            if model_id not in known:
+                # A deleted model's folder, unless a live process is still staging into it.
                 if not any(self._is_live_temp(p) for p in folder.iterdir()):
                     shutil.rmtree(folder, ignore_errors=True)
-                    actions.append(f"removed orphan folder {folder.name}")
+                    actions.append(f"removed orphan folder {model_id}")
                 continue
-            for path in folder.iterdir():
+            for path in paths:
                 if temp_owner(path) is not None:
-                    if not self._is_live_temp(path):
+                    if not self._is_live_temp(path) and path.exists():
                         path.unlink(missing_ok=True)
-                        actions.append(f"removed temp file {folder.name}/{path.name}")
-                elif path.name not in known[folder.name]:
+                        actions.append(f"removed temp file {model_id}/{path.name}")
+                elif path.name not in known[model_id]:
                     path.unlink(missing_ok=True)
-                    actions.append(f"removed orphan checkpoint {folder.name}/{path.name}")
+                    actions.append(f"removed orphan checkpoint {model_id}/{path.name}")
         for action in actions:
             log.warning("checkpoint store recovery: %s", action)
         return actions
@@ -128,10 +147,15 @@ class CheckpointStore:
         folder = self.model_dir(model_id)
         if not folder.is_dir():
             return False
-        for path in folder.iterdir():
-            if temp_owner(path) is not None and temp_tag(path) == sha256:
-                # FileNotFoundError: another process finished it first.
-                with contextlib.suppress(FileNotFoundError):
-                    publish(path, folder / filename)
-                return (folder / filename).exists()
-        return False
+        candidates = [
+            p for p in folder.iterdir() if temp_owner(p) is not None and temp_tag(p) == sha256
+        ]
+        if not candidates:
+            return False
+        # The same bytes may also be staged by a live upload of a later version: a dead writer's
+        # temp file is the one this row lost.
+        candidates.sort(key=self._is_live_temp)
+        # FileNotFoundError: another process finished it first.
+        with contextlib.suppress(FileNotFoundError):
+            publish(candidates[0], folder / filename)
+        return (folder / filename).exists()
