@@ -50,20 +50,27 @@ def parse_inputs(
             found_shape=list(array.shape),
         )
     if array.shape[0] == 0:
-        raise InvalidInput(f"inputs are an empty batch; {expected}", code="empty_batch")
+        raise InvalidInput(
+            f"inputs are an empty batch; {expected}",
+            code="empty_batch",
+            expected_shape=list(input_shape),
+        )
     if array.shape[0] > max_batch:
         raise InvalidInput(
             f"batch of {array.shape[0]} samples is above the limit of {max_batch} "
-            "(BNSERVE_MAX_REQUEST_BATCH); split it",
+            f"(BNSERVE_MAX_REQUEST_BATCH); split it ({expected})",
             code="batch_too_large",
             limit=max_batch,
+            expected_shape=list(input_shape),
         )
     with np.errstate(over="ignore"):
         array = array.astype(np.float32)
     if not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
         raise InvalidInput(
-            f"inputs contain {bad} non-finite value(s) (NaN, Infinity, or beyond float32 range)",
+            f"inputs contain {bad} non-finite value(s) (NaN, Infinity, or beyond float32 range); "
+            f"{expected} of finite numbers",
             code="non_finite_input",
+            expected_shape=list(input_shape),
         )
     return torch.from_numpy(np.ascontiguousarray(array)), single
