@@ -9,6 +9,7 @@ is one database update that every API process follows.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -55,6 +56,12 @@ def resolve_base(job: JobRow, model: ModelRow) -> int | None:
     return int(job.base_version)
 
 
+def _seed(job: JobRow) -> int:
+    """The job's seed, or one drawn for it (recorded in the lineage) when it named none."""
+    seed = job.params.get("seed")
+    return int(seed) if seed is not None else secrets.randbits(63)
+
+
 def _weights(registry: Registry, name: str, version: int) -> dict[str, torch.Tensor]:
     _, _, data = registry.read_checkpoint(name, version)
     return state_dict_from_safetensors(data)
@@ -73,6 +80,10 @@ def run_job(
     arch = get_architecture(model.architecture)
     config = arch.parse_config(model.config)
     parent = resolve_base(job, model)
+    seed = _seed(job)
+    # Fresh weights are drawn from the global RNG, so the job's seed must decide them too:
+    # otherwise the same job (and the seed its lineage records) could not be run again.
+    torch.manual_seed(seed)
     module = arch.build(config)
     if parent is not None:
         module.load_state_dict(_weights(registry, model.name, parent))
@@ -109,7 +120,7 @@ def run_job(
         def on_epoch(m: EpochMetrics) -> None:
             hooks.on_epoch(asdict(m))
 
-        params = TrainParams.model_validate(job.params)
+        params = TrainParams.model_validate({**job.params, "seed": seed})
         result = train(
             module,
             data.x,
