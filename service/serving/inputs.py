@@ -38,6 +38,12 @@ def parse_inputs(
             code="invalid_input_type",
             expected_shape=list(input_shape),
         )
+    if array.ndim >= 1 and array.shape[0] == 0:
+        raise InvalidInput(
+            f"inputs are an empty batch; {expected}",
+            code="empty_batch",
+            expected_shape=list(input_shape),
+        )
     if array.shape == input_shape:
         array, single = array[None], True
     elif array.shape[1:] == input_shape:
@@ -48,12 +54,6 @@ def parse_inputs(
             code="invalid_input_shape",
             expected_shape=list(input_shape),
             found_shape=list(array.shape),
-        )
-    if array.shape[0] == 0:
-        raise InvalidInput(
-            f"inputs are an empty batch; {expected}",
-            code="empty_batch",
-            expected_shape=list(input_shape),
         )
     if array.shape[0] > max_batch:
         raise InvalidInput(
