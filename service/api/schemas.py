@@ -104,7 +104,9 @@ class PromoteResult(BaseModel):
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    inputs: list[Any] = Field(
+    # Any, not list: a scalar, string or null then gets the same 422 as a wrong shape, one
+    # that names the shape the model expects.
+    inputs: Any = Field(
         description="One sample (nested list of the model's input shape) or a batch of them"
     )
 
