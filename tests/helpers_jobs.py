@@ -26,9 +26,12 @@ T = TypeVar("T")
 FINAL = ("succeeded", "failed", "cancelled")
 
 # Fast worker loops keep the multi-process tests short (shared by servers and standalone workers).
+# One intra-op thread per process: the tests' models are tiny, and several processes share the
+# test machine's cores, where PyTorch's OpenMP threads would only spin against each other.
 FAST_WORKER_ENV = {
     "BNSERVE_WORKER_POLL_S": "0.2",
     "BNSERVE_WORKER_HEARTBEAT_S": "0.3",
+    "OMP_NUM_THREADS": "1",
 }
 
 FloatArray = npt.NDArray[np.float32]
@@ -151,9 +154,6 @@ class WorkerProcess:
             "BNSERVE_API_TOKEN": TOKEN,
             "BNSERVE_DEVICE": "cpu",
             "BNSERVE_LOG_LEVEL": "info",
-            # Several workers share the test machine's cores: one intra-op thread each, as an
-            # operator would set it, instead of every worker spinning threads on every core.
-            "OMP_NUM_THREADS": "1",
             **FAST_WORKER_ENV,
             **env,
         }

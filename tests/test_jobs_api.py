@@ -47,13 +47,15 @@ from tests.helpers_jobs import (
     weights,
 )
 
-# Training a BN MLP on two blobs: 640 training rows in batches of 8 are 80 steps an epoch.
-TRAIN = {"epochs": 12, "batch_size": 8, "lr": 0.05, "seed": 0}
+# A BN MLP on two blobs of 800 points: 640 training rows in batches of 8 are 80 steps an epoch,
+# and 30 epochs last long enough (a second or more) to watch the job's progress.
+TRAIN = {"epochs": 30, "batch_size": 8, "lr": 0.05, "seed": 0}
+EPOCHS, STEPS = 30, 80
 BN_STATS = ("running_mean", "running_var")
 
 
 def _bn_keys(state: dict[str, torch.Tensor]) -> list[str]:
-    return [k for k in state if k.rsplit(".", 1)[-1] in BN_STATS]
+    return sorted(k for k in state if k.rsplit(".", 1)[-1] in BN_STATS)
 
 
 def _accuracy(client: httpx.Client, model: str, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
@@ -160,7 +162,7 @@ def test_valid_job_is_queued(idle, setup):
     assert job["status"] == "queued"
     assert job["model"] == "m"
     assert job["dataset"] == setup["good"]
-    assert job["progress"] == {"epoch": 0, "epochs": 12, "step": 0, "steps": 0}
+    assert job["progress"] == {"epoch": 0, "epochs": EPOCHS, "step": 0, "steps": 0}
     assert job["metrics"] == []
     assert job["result_version"] is None
     assert job["promote"] == "if_better"
@@ -252,19 +254,19 @@ def test_training_job_reaches_accuracy_and_records_progress_and_lineage(sc):
     assert job["status"] == "succeeded", job
     running = [j for j in seen if j["status"] == "running"]
     assert running, "never saw the job running"
-    assert any(j["progress"]["step"] > 0 and j["progress"]["steps"] == 80 for j in running)
-    assert all(j["progress"]["epochs"] == 12 for j in running)
+    assert any(j["progress"]["step"] > 0 and j["progress"]["steps"] == STEPS for j in running)
+    assert all(j["progress"]["epochs"] == EPOCHS for j in running)
     counts = [len(j["metrics"]) for j in running]
     assert counts == sorted(counts)
     assert len({c for c in counts if c > 0}) >= 2, f"metrics did not grow while running: {counts}"
 
-    assert [m["epoch"] for m in job["metrics"]] == list(range(1, 13))
+    assert [m["epoch"] for m in job["metrics"]] == list(range(1, EPOCHS + 1))
     for m in job["metrics"]:
         assert {"train_loss", "val_loss", "val_accuracy"} <= m.keys()
     final_accuracy = job["metrics"][-1]["val_accuracy"]
     assert final_accuracy >= 0.9, job["metrics"]
     assert job["metrics"][-1]["train_loss"] < job["metrics"][0]["train_loss"]
-    assert job["progress"] == {"epoch": 12, "epochs": 12, "step": 80, "steps": 80}
+    assert job["progress"] == {"epoch": EPOCHS, "epochs": EPOCHS, "step": STEPS, "steps": STEPS}
     assert job["result_version"] == 2
     assert job["promoted"] is True
     assert job["attempts"] == 1
@@ -282,7 +284,7 @@ def test_training_job_reaches_accuracy_and_records_progress_and_lineage(sc):
     for key, value in TRAIN.items():
         assert lineage["hyperparameters"][key] == value
     assert lineage["metrics"]["val_accuracy"] == final_accuracy
-    assert [m["epoch"] for m in lineage["metrics"]["epochs"]] == list(range(1, 13))
+    assert [m["epoch"] for m in lineage["metrics"]["epochs"]] == list(range(1, EPOCHS + 1))
 
     # Served by the new version, and right on points it never saw.
     _served_by(sc, "clf", 2)
@@ -292,10 +294,10 @@ def test_training_job_reaches_accuracy_and_records_progress_and_lineage(sc):
     assert accuracy >= 0.9
     print(f"val accuracy {final_accuracy:.3f}, held-out accuracy {accuracy:.3f}")
 
-    # Every training step went through BN in train mode: v1 had 3 updates, then 12 x 80.
+    # Every training step went through BN in train mode: v1 had 3 updates, then one a step.
     trained = weights(sc, "clf", 2)
     for layer in ("bn1", "bn2"):
-        assert int(trained[f"{layer}.num_batches_tracked"]) == 3 + 12 * 80
+        assert int(trained[f"{layer}.num_batches_tracked"]) == 3 + EPOCHS * STEPS
 
     r = sc.post(f"/v1/jobs/{job_id}/cancel", headers=AUTH)
     assert r.status_code == 409

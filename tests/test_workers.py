@@ -32,8 +32,9 @@ from tests.helpers_jobs import (
 
 pytestmark = pytest.mark.slow
 
-# A few seconds of training: long enough to kill a worker in the middle, short enough to rerun.
-JOB = {"epochs": 10, "batch_size": 8, "lr": 0.05, "seed": 0, "promote": "always"}
+# A few seconds of training (40 epochs of 80 steps): long enough to kill a worker in the middle, short
+# enough to run again.
+JOB = {"epochs": 40, "batch_size": 8, "lr": 0.05, "seed": 0, "promote": "always"}
 STALE = {"BNSERVE_JOB_STALE_AFTER_S": "2"}
 
 StartWorker = Callable[..., WorkerProcess]
