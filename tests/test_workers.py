@@ -32,8 +32,8 @@ from tests.helpers_jobs import (
 
 pytestmark = pytest.mark.slow
 
-# A few seconds of training (40 epochs of 80 steps): long enough to kill a worker in the middle, short
-# enough to run again.
+# Seconds of training (40 epochs of 80 steps): long enough to kill a worker in the middle of it,
+# short enough to run again.
 JOB = {"epochs": 40, "batch_size": 8, "lr": 0.05, "seed": 0, "promote": "always"}
 STALE = {"BNSERVE_JOB_STALE_AFTER_S": "2"}
 
