@@ -82,6 +82,12 @@ class JobQueue:
                 raise NotFound(f"job {job_id!r} does not exist", code="job_not_found")
             if row.status in FINAL:
                 raise Conflict(f"job {job_id} already ended {row.status}", code="job_finished")
+            if row.phase == "publishing":
+                raise Conflict(
+                    f"job {job_id} is already storing its trained version and can no longer be "
+                    "cancelled; delete or demote the version afterwards instead",
+                    code="job_publishing",
+                )
             row.cancel_requested = True
             if row.status == "queued":
                 row.status = "cancelled"
@@ -108,6 +114,7 @@ class JobQueue:
             row.started_at = now
             row.heartbeat_at = now
             row.error = None
+            row.phase = None
             return row
 
     def heartbeat(self, job_id: str, worker_id: str, progress: dict[str, Any] | None) -> bool:
@@ -120,6 +127,18 @@ class JobQueue:
             if progress is not None:
                 row.progress = progress
             return not row.cancel_requested
+
+    def begin_publishing(self, job_id: str, worker_id: str) -> bool:
+        """Pass the point after which the job can no longer be cancelled; False if cancelled."""
+        with self._sessions.begin() as session:
+            marked = session.scalar(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.worker_id == worker_id)
+                .where(JobRow.status == "running", JobRow.cancel_requested.is_(False))
+                .values(phase="publishing")
+                .returning(JobRow.id)
+            )
+            return marked is not None
 
     def add_epoch(self, job_id: str, worker_id: str, metrics: dict[str, Any]) -> None:
         with self._sessions.begin() as session:
@@ -185,7 +204,7 @@ class JobQueue:
                     row.status, row.error = "cancelled", None
                 elif row.attempts < max_attempts:
                     row.status, row.error = "queued", lost + "; queued again"
-                    row.progress, row.metrics = {}, []
+                    row.progress, row.metrics, row.phase = {}, [], None
                 else:
                     row.status, row.error = "failed", lost + "; no attempts left"
                 row.worker_id = None

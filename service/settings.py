@@ -6,6 +6,7 @@ tests build their own.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -50,6 +51,9 @@ class Settings(BaseSettings):
     # A running job whose heartbeat is older than this is taken to have lost its worker.
     JOB_STALE_AFTER_S: float = Field(15.0, gt=0)
     JOB_MAX_ATTEMPTS: int = Field(2, ge=1)
+    # PyTorch threads per worker; 0 shares this machine's cores among the server's workers, so
+    # several workers do not oversubscribe the CPU (which slows each of them several-fold).
+    WORKER_THREADS: int = Field(0, ge=0)
     # Create and train a demo model on first start with an empty registry.
     DEMO: bool = True
     LOG_LEVEL: Literal["debug", "info", "warning", "error"] = "info"
@@ -84,6 +88,11 @@ class Settings(BaseSettings):
         if url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
         return url
+
+    def worker_threads(self) -> int:
+        if self.WORKER_THREADS:
+            return self.WORKER_THREADS
+        return max(1, (os.cpu_count() or 1) // max(1, self.WORKERS))
 
     @property
     def checkpoint_dir(self) -> Path:

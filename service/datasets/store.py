@@ -28,7 +28,9 @@ class DatasetStore:
         """Check an uploaded file, then keep it under its sha256 (identical uploads share it)."""
         dataset = read_dataset(upload, filename)
         sha = sha256_file(upload)
-        suffix = ".safetensors" if filename.endswith(".safetensors") else ".npz"
+        # By content, not by the client's file name: identical bytes are stored once.
+        with open(upload, "rb") as handle:
+            suffix = ".npz" if handle.read(4) == b"PK\x03\x04" else ".safetensors"
         final = self.root / f"{sha}{suffix}"
         if not final.exists():
             # The upload sits in the same data dir, so the final move is an atomic rename.

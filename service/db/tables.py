@@ -128,6 +128,9 @@ class JobRow(Base):
     promoted: Mapped[bool | None] = mapped_column(Boolean)
     error: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # "publishing" once the worker has started storing the result: from then on a cancel is
+    # refused, so a 202 to cancel always means that no version is left behind.
+    phase: Mapped[str | None] = mapped_column(String(16))
     worker_id: Mapped[str | None] = mapped_column(String(128))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -6,6 +6,8 @@ import logging
 import signal
 from types import FrameType
 
+import torch
+
 from service.settings import Settings
 from service.worker.runner import Worker
 
@@ -16,6 +18,7 @@ def main() -> None:
         level=settings.LOG_LEVEL.upper(),
         format="%(asctime)s %(levelname)s worker %(name)s: %(message)s",
     )
+    torch.set_num_threads(settings.worker_threads())
     worker = Worker(settings)
 
     def stop(signum: int, _frame: FrameType | None) -> None:

@@ -44,6 +44,8 @@ class JobHooks:
     should_stop: Callable[[], bool]
     on_progress: Callable[[dict[str, Any]], None]
     on_epoch: Callable[[dict[str, Any]], None]
+    # Atomically marks the job as publishing unless it was cancelled; False means cancelled.
+    begin_publishing: Callable[[], bool]
 
 
 def resolve_base(job: JobRow, model: ModelRow) -> int | None:
@@ -157,7 +159,8 @@ def run_job(
             )
     state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
     prepared = prepare(model, state, device)
-    if hooks.should_stop():  # the last moment a cancel can still leave nothing behind
+    # The last moment a cancel can still leave nothing behind; after it, cancels get 409.
+    if hooks.should_stop() or not hooks.begin_publishing():
         raise Cancelled
     row = publish(registry, prepared, source=source, note=f"job {job.id}", lineage=lineage)
     promote = job.promote == "always" or (job.promote == "if_better" and better)

@@ -77,6 +77,7 @@ class Worker:
             should_stop=lambda: stop.is_set() or self.shutdown.is_set(),
             on_progress=progress.update,
             on_epoch=lambda metrics: self.queue.add_epoch(job.id, self.id, metrics),
+            begin_publishing=lambda: self.queue.begin_publishing(job.id, self.id),
         )
         thread = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
         thread.start()
