@@ -95,6 +95,10 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if self._retired and self._carry is None and self._queue.empty():
+                # A request that took this handle just before its eviction restarted the loop;
+                # waiting on for more would keep the evicted version alive forever.
+                return
             first = self._carry or await self._queue.get()
             self._carry = None
             if first is None:
