@@ -4,7 +4,8 @@ Each model's serving version is one entry in `_serving`; a swap replaces that en
 reference change on the event loop. A request takes its handle before it queues, so requests in
 flight finish on the version they started with, and every request that starts after a swap gets
 the new one. Replaced and pinned (`?version=N`) versions wait in a small LRU cache; an evicted
-version's batcher drains its queue and stops, after which nothing refers to its tensors.
+version's batcher drains its queue and stops. Its tensors are freed by reference counting when its
+last request ends, and on CUDA the freed blocks then go back to the driver (`release_memory`).
 
 The database holds the truth about which version serves. A sync loop compares it with what this
 process serves every `SYNC_INTERVAL_S` and swaps by the same path, so a promote made by another
@@ -16,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import NoReturn
 
 import torch
 
@@ -60,6 +61,9 @@ class ModelManager:
         self._wanted: dict[str, int | None] = {}
         self._errors: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # Counts swaps, so a sync pass can tell which models changed here while it read the DB.
+        self._swaps = 0
+        self._swapped_at: dict[str, int] = {}
         self._sync_task: asyncio.Task[None] | None = None
         self.on_batch: Callable[[str, int], None] | None = None
         self.on_swap: Callable[[str, int], None] | None = None
@@ -89,9 +93,7 @@ class ModelManager:
         """The handle that answers a request: the serving one, or a pinned version."""
         serving = self._serving.get(name)
         if version is None:
-            if serving is not None:
-                return serving
-            await self._raise_not_serving(name)
+            return serving if serving is not None else await self._serving_or_raise(name)
         if serving is not None and serving.version == version:
             return serving
         key = (name, version)
@@ -107,13 +109,21 @@ class ModelManager:
                 self._remember(cached)
             return cached
 
-    async def _raise_not_serving(self, name: str) -> NoReturn:
+    async def _serving_or_raise(self, name: str) -> Handle:
+        """A model that serves in the database but not yet here: a replica that has not synced
+        since the model got its first version. Load it now rather than refuse the request, unless
+        loading it already failed (the sync loop retries that; a request should not)."""
         model = await asyncio.to_thread(self._registry.get_model, name)  # 404 if unknown
         if model.serving_version is None:
             raise NotServing(
                 f"model {name!r} has no serving version yet: upload one "
                 f"(POST /v1/models/{name}/versions) or promote one",
             )
+        if name not in self._errors:
+            await self._follow(name)
+            serving = self._serving.get(name)
+            if serving is not None:
+                return serving
         raise NotServing(
             f"model {name!r} version {model.serving_version} is not loaded in this process yet"
             + (f": {self._errors[name]}" if name in self._errors else ""),
@@ -148,15 +158,18 @@ class ModelManager:
         ]
         for handle in handles:
             if handle is not None:
-                handle.batcher.retire()
+                self._retire(handle)
         self._wanted.pop(name, None)
         self._errors.pop(name, None)
+        self._swapped_at.pop(name, None)
 
     def _swap(self, handle: Handle) -> Handle:
         name = handle.loaded.name
         old = self._serving.get(name)
         self._serving[name] = handle  # the swap: one reference change
         self._wanted[name] = handle.version
+        self._swaps += 1
+        self._swapped_at[name] = self._swaps
         self._errors.pop(name, None)
         if old is not None and old is not handle:
             self._remember(old)
@@ -177,8 +190,29 @@ class ModelManager:
         self._cache.move_to_end((handle.loaded.name, handle.version))
         while len(self._cache) > self._settings.VERSION_CACHE_SIZE:
             _, evicted = self._cache.popitem(last=False)
-            evicted.batcher.retire()
-            release_memory(evicted.loaded.device)
+            self._retire(evicted)
+
+    @staticmethod
+    def _retire(handle: Handle) -> None:
+        """Stop feeding a version; once its last request drops it, hand its memory back.
+
+        Requests in flight still hold the handle, so the tensors cannot be freed here. A finalizer
+        on the LoadedModel notices when the last reference is gone; it runs during that object's
+        teardown, before the module is released, so the release itself is scheduled on the loop.
+        """
+        handle.batcher.retire()
+        device = handle.loaded.device
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            release_memory(device)
+            return
+
+        def release_soon() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the process is exiting
+                loop.call_soon_threadsafe(release_memory, device)
+
+        weakref.finalize(handle.loaded, release_soon).atexit = False
 
     def _new_handle(self, loaded: LoadedModel) -> Handle:
         name = loaded.name
@@ -215,13 +249,19 @@ class ModelManager:
     # Following the database
 
     async def sync_once(self) -> None:
+        before = self._swaps
         wanted = await asyncio.to_thread(self._registry.serving_map)
-        for name in [n for n in self._serving if n not in wanted]:
+        # A model swapped here while the DB was read is newer than what was read: leave it.
+        fresh = {name for name, at in self._swapped_at.items() if at > before}
+        gone = {*self._serving, *self._wanted} - set(wanted) - fresh
+        for name in gone:  # deleted, possibly by another process
             self.forget(name)
-        self._wanted = dict(wanted)
         for name, version in wanted.items():
+            if name in fresh:
+                continue
             current = self._serving.get(name)
             if version is None or (current is not None and current.version == version):
+                self._wanted[name] = version
                 continue
             await self._follow(name)
 
@@ -255,19 +295,30 @@ class ModelManager:
 
     # Introspection
 
-    def readiness(self) -> dict[str, dict[str, object]]:
-        """Per model: the version the database wants, the one served here, and any error."""
+    async def check_readiness(self) -> dict[str, dict[str, object]]:
+        """`readiness` against the database as it is now, not as of the last sync pass.
+
+        A promote made by another process shows here as not ready until this process has swapped.
+        """
+        return self.readiness(await asyncio.to_thread(self._registry.serving_map))
+
+    def readiness(
+        self, wanted: dict[str, int | None] | None = None
+    ) -> dict[str, dict[str, object]]:
+        """Per model: the version the database wants, the one served here, any load error and
+        the non-serving versions loaded for `?version=N` (least recently used first)."""
         out: dict[str, dict[str, object]] = {}
-        for name, wanted in self._wanted.items():
-            if wanted is None:
+        for name, version in (self._wanted if wanted is None else wanted).items():
+            if version is None:
                 continue
             current = self._serving.get(name)
             served = current.version if current is not None else None
             out[name] = {
-                "wanted": wanted,
+                "wanted": version,
                 "serving": served,
-                "ready": served == wanted,
+                "ready": served == version,
                 "error": self._errors.get(name),
+                "cached": [v for (n, v) in self._cache if n == name],
             }
         return out
 

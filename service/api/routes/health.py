@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.deps import ServicesDep
 from service.api.schemas import Health, Readiness
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["health"])
 
@@ -20,9 +24,21 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 async def readyz(services: ServicesDep) -> JSONResponse:
-    """Ready when every model that has a serving version has exactly that version loaded here."""
-    models = services.manager.readiness()
-    ready = all(m["ready"] for m in models.values())
+    """Ready when every model that has a serving version has exactly that version loaded here.
+
+    The serving versions are read from the database on each call, so a process that has not yet
+    followed a promote made elsewhere says so; without the database it cannot tell, and is not
+    ready.
+    """
+    manager = services.manager
+    try:
+        models = await manager.check_readiness()
+        reachable = True
+    except Exception as exc:
+        log.warning("not ready: cannot read the serving versions from the database: %s", exc)
+        models = manager.readiness()
+        reachable = False
+    ready = reachable and all(m["ready"] for m in models.values())
     body = Readiness(status="ready" if ready else "not_ready", models=models)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
