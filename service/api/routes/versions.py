@@ -57,10 +57,12 @@ async def upload_version(name: str, request: Request, services: ServicesDep) -> 
                 row = await asyncio.to_thread(
                     publish, registry, prepared, source="upload", note=received.text("note")
                 )
-        serving = model.serving_version
-        if promote:
-            await services.manager.install(prepared.loaded)
-            serving = row.version
+                serving = model.serving_version
+                # Still under the upload lock, so concurrent uploads are promoted in the order
+                # of their version numbers and the newest one ends up serving.
+                if promote:
+                    await services.manager.install(prepared.loaded)
+                    serving = row.version
         outcome = "ok"
     except BNServeError as exc:
         outcome = exc.code
