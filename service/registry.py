@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -54,6 +54,12 @@ class Registry:
     def __init__(self, sessions: sessionmaker[Session], store: CheckpointStore) -> None:
         self._sessions = sessions
         self.store = store
+
+    def close(self) -> None:
+        """Close the pooled database connections (on shutdown)."""
+        bind = self._sessions.kw.get("bind")
+        if isinstance(bind, Engine):
+            bind.dispose()
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
