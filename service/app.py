@@ -85,11 +85,23 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await supervisor.stop()
         await services.manager.stop()
+        services.registry.close()
         services.owner.close()
 
 
+def configure_logging(settings: Settings) -> None:
+    """Log lines with time and logger name, unless the host process set up logging already."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=settings.LOG_LEVEL.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app; with no settings given (uvicorn's factory mode) they come from the environment."""
     settings = settings or Settings()
+    configure_logging(settings)
     app = FastAPI(
         title="bnserve",
         version="0.1.0",

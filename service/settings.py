@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     API_TOKEN: str | None = None
     PROTECT_READS: bool = False
     WORKERS: int = Field(1, ge=0, le=64)
+    # API processes (uvicorn workers) on this host; each follows the database like a replica.
+    API_WORKERS: int = Field(1, ge=1, le=64)
+    # Connections beyond this get 503 before their bodies are read (uvicorn limit_concurrency).
+    MAX_CONNECTIONS: int = Field(1024, ge=1)
     MAX_UPLOAD_BYTES: int = Field(1 << 30, gt=0)
     # Python modules imported at start that register extra architectures (comma-separated).
     ARCHITECTURE_PLUGINS: Annotated[list[str], NoDecode] = Field(default_factory=list)

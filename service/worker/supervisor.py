@@ -15,6 +15,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 
 from service.jobs import JobQueue
 from service.settings import Settings, settings_env
@@ -86,3 +88,24 @@ class WorkerSupervisor:
                 log.warning("worker pid %d did not stop in time; killing it", proc.pid)
                 proc.kill()
                 proc.wait()
+
+
+@contextlib.contextmanager
+def supervised_workers(settings: Settings, queue: JobQueue) -> Iterator[WorkerSupervisor]:
+    """A supervisor on an event loop of its own thread, for a parent that runs no loop itself.
+
+    `python -m service` with BNSERVE_API_WORKERS > 1 hands the main thread to uvicorn's process
+    manager; the training workers are then started once, here, instead of once per API process.
+    """
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="worker-supervisor", daemon=True)
+    thread.start()
+    supervisor = WorkerSupervisor(settings, queue)
+    asyncio.run_coroutine_threadsafe(supervisor.start(), loop).result()
+    try:
+        yield supervisor
+    finally:
+        asyncio.run_coroutine_threadsafe(supervisor.stop(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
