@@ -28,6 +28,7 @@ import torch
 from models import get_architecture
 from service.checkpoints.validation import state_dict_from_safetensors
 from service.errors import NotFound, NotServing
+from service.loops import PeriodicLoop
 from service.registry import Registry
 from service.serving.batcher import Admission, Batcher
 from service.serving.device import release_memory
@@ -64,7 +65,7 @@ class ModelManager:
         # Counts swaps, so a sync pass can tell which models changed here while it read the DB.
         self._swaps = 0
         self._swapped_at: dict[str, int] = {}
-        self._sync_task: asyncio.Task[None] | None = None
+        self._sync_loop = PeriodicLoop("serving sync", settings.SYNC_INTERVAL_S, self.sync_once)
         self.on_batch: Callable[[str, int], None] | None = None
         self.on_swap: Callable[[str, int], None] | None = None
 
@@ -73,13 +74,10 @@ class ModelManager:
     async def start(self) -> None:
         """Load every serving version, then follow the database in the background."""
         await self.sync_once()
-        self._sync_task = asyncio.create_task(self._sync_forever(), name="serving-sync")
+        self._sync_loop.start()
 
     async def stop(self) -> None:
-        if self._sync_task is not None:
-            self._sync_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sync_task
+        await self._sync_loop.stop()
         for handle in [*self._serving.values(), *self._cache.values()]:
             await handle.batcher.close()
         self._executor.shutdown(wait=True)
@@ -284,14 +282,6 @@ class ModelManager:
                 self._errors[name] = str(exc)
                 return
             self._swap(handle)
-
-    async def _sync_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.SYNC_INTERVAL_S)
-            try:
-                await self.sync_once()
-            except Exception:
-                log.exception("serving sync failed; retrying")
 
     # Introspection
 

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterator
 
 from service.jobs import JobQueue
+from service.loops import PeriodicLoop
 from service.settings import Settings, settings_env
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class WorkerSupervisor:
         self._settings = settings
         self._queue = queue
         self._procs: list[subprocess.Popen[bytes]] = []
-        self._task: asyncio.Task[None] | None = None
+        self._loop: PeriodicLoop | None = None
 
     @property
     def pids(self) -> list[int]:
@@ -46,35 +47,29 @@ class WorkerSupervisor:
 
     async def start(self) -> None:
         self._procs = [self._spawn() for _ in range(self._settings.WORKERS)]
-        self._task = asyncio.create_task(self._watch(), name="worker-supervisor")
+        interval = min(RESTART_DELAY_S, self._settings.JOB_STALE_AFTER_S / 3)
+        self._loop = PeriodicLoop("worker supervision", interval, self._watch)
+        self._loop.start()
 
     async def _watch(self) -> None:
-        interval = min(RESTART_DELAY_S, self._settings.JOB_STALE_AFTER_S / 3)
-        while True:
-            await asyncio.sleep(interval)
-            for i, proc in enumerate(self._procs):
-                if proc.poll() is not None:
-                    log.error(
-                        "training worker pid %d exited with %s; restarting",
-                        proc.pid,
-                        proc.returncode,
-                    )
-                    self._procs[i] = self._spawn()
-            try:
-                # Also here, so jobs of dead workers end even when no worker is left to notice.
-                await asyncio.to_thread(
-                    self._queue.reap_stale,
-                    self._settings.JOB_STALE_AFTER_S,
-                    self._settings.JOB_MAX_ATTEMPTS,
+        for i, proc in enumerate(self._procs):
+            if proc.poll() is not None:
+                log.error(
+                    "training worker pid %d exited with %s; restarting",
+                    proc.pid,
+                    proc.returncode,
                 )
-            except Exception:
-                log.exception("reaping stale jobs failed")
+                self._procs[i] = self._spawn()
+        # Also here, so jobs of dead workers end even when no worker is left to notice.
+        await asyncio.to_thread(
+            self._queue.reap_stale,
+            self._settings.JOB_STALE_AFTER_S,
+            self._settings.JOB_MAX_ATTEMPTS,
+        )
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self._loop is not None:
+            await self._loop.stop()
         for proc in self._procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
