@@ -13,9 +13,9 @@ from service.datasets.reader import (
     Dataset,
     check_dataset_for_model,
     read_dataset,
-    sha256_file,
 )
 from service.errors import InvalidDataset
+from service.files import sha256_file
 
 UNPICKLED: list[str] = []
 

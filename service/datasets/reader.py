@@ -7,7 +7,6 @@ Every refusal is an `InvalidDataset` whose `code` names the problem, so the HTTP
 
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,15 +50,6 @@ class Dataset:
     def sample_shape(self) -> tuple[int, ...]:
         """Shape of one sample, what a model's `input_shape` must equal."""
         return tuple(int(d) for d in self.x.shape[1:])
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks so large uploads do not sit in memory."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_dataset(
