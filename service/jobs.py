@@ -140,11 +140,20 @@ class JobQueue:
             )
             return marked is not None
 
-    def add_epoch(self, job_id: str, worker_id: str, metrics: dict[str, Any]) -> None:
+    def add_epoch(
+        self,
+        job_id: str,
+        worker_id: str,
+        metrics: dict[str, Any],
+        progress: dict[str, Any] | None = None,
+    ) -> None:
+        """Append an epoch's metrics, with the progress that goes with them (one write)."""
         with self._sessions.begin() as session:
             row = session.get(JobRow, job_id, with_for_update=True)
             if row is not None and row.worker_id == worker_id and row.status == "running":
                 row.metrics = [*row.metrics, metrics]
+                if progress is not None:
+                    row.progress = progress
 
     def finish(
         self,

@@ -84,3 +84,16 @@ def test_a_requeued_job_starts_without_the_publishing_mark(queue_and_job):
     queue.claim("w2")
     queue.cancel(job_id)  # cancellable again: the new attempt has not begun publishing
     assert queue.get(job_id).cancel_requested is True
+
+
+def test_an_epochs_metrics_and_progress_are_written_together(queue_and_job):
+    queue, new_job = queue_and_job
+    job_id = new_job()
+    queue.claim("w1")
+    progress = {"epoch": 1, "epochs": 3, "step": 5, "steps": 5}
+    queue.add_epoch(job_id, "w1", {"epoch": 1, "train_loss": 0.5}, progress)
+    row = queue.get(job_id)
+    assert row.metrics == [{"epoch": 1, "train_loss": 0.5}]
+    assert row.progress == progress
+    queue.add_epoch(job_id, "w2", {"epoch": 2, "train_loss": 0.4}, {"epoch": 2})  # not its job
+    assert queue.get(job_id).metrics == [{"epoch": 1, "train_loss": 0.5}]

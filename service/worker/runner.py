@@ -76,7 +76,10 @@ class Worker:
         hooks = JobHooks(
             should_stop=lambda: stop.is_set() or self.shutdown.is_set(),
             on_progress=progress.update,
-            on_epoch=lambda metrics: self.queue.add_epoch(job.id, self.id, metrics),
+            # Progress goes with each epoch's metrics, so the two never disagree when read.
+            on_epoch=lambda metrics: self.queue.add_epoch(
+                job.id, self.id, metrics, dict(progress) or None
+            ),
             begin_publishing=lambda: self.queue.begin_publishing(job.id, self.id),
         )
         thread = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
