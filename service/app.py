@@ -44,6 +44,7 @@ def build_services(settings: Settings) -> Services:
     datasets = DatasetStore(settings.dataset_dir, owner, sessions)
     datasets.sweep()
     owner.sweep(settings.upload_dir)
+    owner.sweep_owners()
     jobs = JobQueue(sessions)
     if settings.DEMO:
         seed_demo(settings, registry, datasets, jobs, owner)

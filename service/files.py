@@ -36,12 +36,24 @@ class Owner:
     """This process's identity for temp files, kept alive by a held lock."""
 
     def __init__(self, root: Path) -> None:
-        self.token = secrets.token_hex(8)
         self._dir = root / ".owners"
         self._dir.mkdir(parents=True, exist_ok=True)
-        self._lock_path = self._dir / f"{self.token}.lock"
-        self._lock: IO[str] | None = open(self._lock_path, "w")  # noqa: SIM115 - held for life
-        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        while True:
+            self.token = secrets.token_hex(8)
+            self._lock_path = self._dir / f"{self.token}.lock"
+            lock = open(self._lock_path, "w")  # noqa: SIM115 - held for life
+            # A sweeper that opened the file between our open and flock found it unlocked and
+            # is removing it (or has: the lock would then be on an unlinked inode and prove
+            # nothing); either way, start again under a new token.
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                continue
+            if _same_file(self._lock_path, lock):
+                break
+            lock.close()
+        self._lock: IO[str] | None = lock
 
     def close(self) -> None:
         if self._lock is not None:
@@ -65,6 +77,14 @@ class Owner:
         except FileNotFoundError:
             return False
 
+    def sweep_owners(self) -> int:
+        """Remove the lock files of dead processes (a SIGKILL leaves them); returns how many."""
+        removed = 0
+        for path in self._dir.glob("*.lock"):
+            if not self.is_alive(path.stem):
+                removed += 1
+        return removed
+
     def temp_path(self, folder: Path, tag: str = "") -> Path:
         """A fresh temp name in `folder` that says who writes it (and, optionally, what)."""
         name = f".{tag + '.' if tag else ''}{self.token}.{secrets.token_hex(4)}{TMP_SUFFIX}"
@@ -81,6 +101,13 @@ class Owner:
                 path.unlink(missing_ok=True)
                 removed.append(path)
         return removed
+
+
+def _same_file(path: Path, handle: IO[str]) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def temp_owner(path: Path) -> str | None:

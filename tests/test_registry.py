@@ -351,3 +351,17 @@ def test_recovery_keeps_a_version_published_while_it_runs(
     assert b.registry.recover_store() == []
     assert files_of(a.registry, "m") == ["v1.safetensors", "v2.safetensors"]
     assert files_of(a.registry, "n") == ["v1.safetensors"]
+
+
+def test_dead_owners_lock_files_are_swept_and_live_ones_kept(tmp_path: Path):
+    live, dead, sweeper = Owner(tmp_path), Owner(tmp_path), Owner(tmp_path)
+    dead_lock = dead._lock_path
+    dead.close()
+    dead_lock.touch()  # what a SIGKILL leaves behind: the file, with no lock on it
+    assert sweeper.sweep_owners() == 1
+    assert not dead_lock.exists()
+    assert live._lock_path.exists()
+    assert sweeper._lock_path.exists()
+    assert sweeper.is_alive(live.token)
+    live.close()
+    sweeper.close()
