@@ -182,7 +182,11 @@ def _better_than_serving(
     device: torch.device,
     lineage: dict[str, Any],
 ) -> bool:
-    """Whether the trained weights are at least as good as the serving version's on this split."""
+    """Whether the trained weights are at least as good as the serving version's on this split.
+
+    It compares with the version serving now; a promote made elsewhere between this comparison
+    and the job's own promote is overtaken by the job (last promote wins, as for any promote).
+    """
     serving = registry.get_model(name).serving_version
     if serving is None:
         lineage["compared_with"] = None
