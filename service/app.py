@@ -80,7 +80,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await services.manager.start()
     supervisor = WorkerSupervisor(settings, services.jobs)
     await supervisor.start()
-    app.state.workers = supervisor
     try:
         yield
     finally:

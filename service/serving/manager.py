@@ -139,9 +139,7 @@ class ModelManager:
     async def promote(self, name: str, version: int) -> Handle:
         """Load and gate `version` if needed, record it as serving, then swap it in."""
         async with self.lock(name):
-            handle = self._take_cached(name, version)
-            if handle is None:
-                handle = self._new_handle(await asyncio.to_thread(self._load, name, version))
+            handle = await self._obtain(name, version)
             try:
                 await asyncio.to_thread(self._registry.set_serving, name, version)
             except BaseException:
@@ -176,11 +174,15 @@ class ModelManager:
         log.info("model %s now serves version %d", name, handle.version)
         return handle
 
-    def _take_cached(self, name: str, version: int) -> Handle | None:
+    async def _obtain(self, name: str, version: int) -> Handle:
+        """The handle for `version` to be swapped in: the serving or a cached one, else loaded."""
         current = self._serving.get(name)
         if current is not None and current.version == version:
             return current
-        return self._cache.pop((name, version), None)
+        cached = self._cache.pop((name, version), None)
+        if cached is not None:
+            return cached
+        return self._new_handle(await asyncio.to_thread(self._load, name, version))
 
     def _remember(self, handle: Handle) -> None:
         """Keep a non-serving version in the LRU cache, evicting beyond its size."""
@@ -271,9 +273,7 @@ class ModelManager:
             if version is None or (current is not None and current.version == version):
                 return
             try:
-                handle = self._take_cached(name, version)
-                if handle is None:
-                    handle = self._new_handle(await asyncio.to_thread(self._load, name, version))
+                handle = await self._obtain(name, version)
             except NotFound:
                 return  # deleted meanwhile; the next pass forgets it
             except Exception as exc:
@@ -311,15 +311,3 @@ class ModelManager:
                 "cached": [v for (n, v) in self._cache if n == name],
             }
         return out
-
-    def is_ready(self, name: str, version: int | None = None) -> bool:
-        current = self._serving.get(name)
-        if version is None:
-            return current is not None and self._wanted.get(name) == current.version
-        return (current is not None and current.version == version) or (
-            (name, version) in self._cache
-        )
-
-    def loaded_versions(self) -> list[tuple[str, int, bool]]:
-        serving = [(n, h.version, True) for n, h in self._serving.items()]
-        return serving + [(n, v, False) for (n, v) in self._cache]

@@ -35,10 +35,6 @@ class WorkerSupervisor:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._loop: PeriodicLoop | None = None
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._procs if p.poll() is None]
-
     def _spawn(self) -> subprocess.Popen[bytes]:
         env = {**os.environ, **settings_env(self._settings)}
         proc = subprocess.Popen([sys.executable, "-m", "service.worker"], env=env)
