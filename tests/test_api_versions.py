@@ -15,6 +15,7 @@ import httpx
 import pytest
 import safetensors.torch
 import torch
+from sqlalchemy import create_engine, text
 
 from tests.conftest import AUTH, create_model, pt_bytes, reference_model, trained_state_dict, upload
 from tests.helpers_api import assert_error, close, predict, predict_ok, samples, version_numbers
@@ -259,3 +260,23 @@ def test_promotes_under_load_never_fail_or_mix_versions(server, client, three):
     assert all(status == 200 for status, _, _ in seen), [s for s in seen if s[0] != 200][:5]
     assert all(same for _, _, same in seen), [s for s in seen if not s[2]][:5]
     assert {version for _, version, _ in seen} == {1, 2, 3}
+
+
+def test_a_failed_promote_of_the_serving_version_leaves_it_serving_not_cached(server, client):
+    """If recording the promote fails, the serving handle must not also land in the LRU cache,
+    where its eviction would stop the batcher that serves every request."""
+    create_model(client, "m", "mlp_bn")
+    assert upload(client, "m", pt_bytes(trained_state_dict("mlp_bn"))).status_code == 201
+    # The version row vanishes underneath this process (as if removed by hand elsewhere), so
+    # recording the promote of the loaded, serving version 1 fails.
+    engine = create_engine(server.settings.database_url)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM versions"))
+    engine.dispose()
+    r = client.post("/v1/models/m/versions/1/promote", headers=AUTH)
+    assert r.status_code == 404, r.text
+    manager = server.app_services.manager
+    assert [key for key in manager._cache if key[0] == "m"] == []
+    r = client.post("/v1/models/m/predict", json={"inputs": [0.0, 1.0]})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-model-version"] == "1"

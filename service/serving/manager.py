@@ -143,7 +143,8 @@ class ModelManager:
             try:
                 await asyncio.to_thread(self._registry.set_serving, name, version)
             except BaseException:
-                self._remember(handle)
+                if handle is not self._serving.get(name):  # the serving one stays where it is
+                    self._remember(handle)
                 raise
             return self._swap(handle)
 
