@@ -64,6 +64,11 @@ class PayloadTooLarge(BNServeError):
     code = "payload_too_large"
 
 
+class UnsupportedMediaType(BNServeError):
+    status = 415
+    code = "unsupported_media_type"
+
+
 class Unauthorized(BNServeError):
     status = 401
     code = "unauthorized"

@@ -37,8 +37,15 @@ class Settings(BaseSettings):
     ARCHITECTURE_PLUGINS: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Dynamic batching: concurrent requests for one version are gathered into one forward pass.
+    # A request never waits for company: whatever queued while the model was busy goes in the
+    # next pass (service/serving/batcher.py), so the only knob is the largest pass.
     MAX_BATCH_SIZE: int = Field(64, ge=1, le=65536)
-    MAX_BATCH_WAIT_MS: float = Field(2.0, ge=0, le=1000)
+    # Threads for forward passes per process; each model (version) runs one pass at a time, so
+    # these only let different models run side by side (serving/manager.py).
+    FORWARD_THREADS: int = Field(4, ge=1, le=64)
+    # A prediction body's own limit, far below the upload limit and refused (413) before it is
+    # read: 16 MiB holds a JSON batch of ~500 CIFAR-sized samples, or 1,300 as binary float32.
+    MAX_PREDICT_BODY_BYTES: int = Field(16 << 20, gt=0)
     # Largest batch one request may carry.
     MAX_REQUEST_BATCH: int = Field(1024, ge=1)
     # Samples waiting across all batchers before new predictions get 503 + Retry-After.

@@ -189,15 +189,18 @@ def test_request_that_took_its_version_before_a_swap_but_queues_after_still_free
     batcher stops, then the request queues. It is served by version 1, and afterwards nothing
     keeps version 1 alive (not even a batcher loop left waiting for more work)."""
     entered, go_on = threading.Event(), threading.Event()
-    parse = predict_route.parse_inputs
+    decode = predict_route._decode
 
-    def held_parse(inputs: Any, *args: Any) -> Any:
+    def held_decode(kind: str, body: bytes, inputs: Any, *args: Any) -> Any:
         if inputs[0][0] == MARKER:
             entered.set()
             go_on.wait(30)
-        return parse(inputs, *args)
+        return decode(kind, body, inputs, *args)
 
-    monkeypatch.setattr(predict_route, "parse_inputs", held_parse)
+    # Decoding in a thread (as for a large body) is the window between taking a version and
+    # queueing on it; small bodies are decoded on the loop, with no such window at all.
+    monkeypatch.setattr(predict_route, "INLINE_BYTES", 0)
+    monkeypatch.setattr(predict_route, "_decode", held_decode)
     srv = thread_server(VERSION_CACHE_SIZE=0)
     book = Book()
     x = marked(torch.randn(2, 2))

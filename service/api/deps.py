@@ -39,7 +39,11 @@ class Services:
         return self.upload_locks.setdefault(name, asyncio.Lock())
 
 
-def get_services(request: Request) -> Services:
+# Every dependency here is async: FastAPI runs a plain `def` dependency on its thread pool, a
+# hop per dependency per request that issue #8's profile found on the predict path.
+
+
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -47,12 +51,12 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def require_token(request: Request, services: ServicesDep) -> None:
+async def require_token(request: Request, services: ServicesDep) -> None:
     """State-changing requests always need the bearer token."""
     check_bearer(request, services.token)
 
 
-def require_read_token(request: Request, services: ServicesDep) -> None:
+async def require_read_token(request: Request, services: ServicesDep) -> None:
     """Reads and predictions need it only with BNSERVE_PROTECT_READS=true."""
     if services.settings.PROTECT_READS:
         check_bearer(request, services.token)

@@ -38,6 +38,17 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def forward_threads(settings: Settings) -> int:
+    """Threads for forward passes, across all models and versions of this process.
+
+    Each batcher runs one pass at a time, so one busy model never has two passes fighting over
+    the cores (each pass already uses every core for intra-op work). The pool only lets
+    different models, or the old and new version during a swap, run side by side, so a slow
+    model cannot hold up a fast one.
+    """
+    return settings.FORWARD_THREADS
+
+
 @dataclass(eq=False)
 class Handle:
     """A loaded version with the batcher that feeds it."""
@@ -55,7 +66,9 @@ class ModelManager:
         self._settings = settings
         self._registry = registry
         self.device = device
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="forward")
+        self._executor = ThreadPoolExecutor(
+            max_workers=forward_threads(settings), thread_name_prefix="forward"
+        )
         self.admission = Admission(settings.MAX_QUEUED_SAMPLES)
         self._serving: dict[str, Handle] = {}
         self._cache: OrderedDict[tuple[str, int], Handle] = OrderedDict()
@@ -226,7 +239,6 @@ class ModelManager:
         batcher = Batcher(
             loaded.forward,
             max_batch=self._settings.MAX_BATCH_SIZE,
-            max_wait_s=self._settings.MAX_BATCH_WAIT_MS / 1000,
             executor=self._executor,
             admission=self.admission,
             on_batch=count,
