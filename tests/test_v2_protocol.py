@@ -398,3 +398,36 @@ def test_reads_and_infer_need_the_token_when_reads_are_protected(tmp_path):
         finally:
             tc.close()
         assert client.get("/v2/models/m", headers=AUTH).status_code == 200
+
+
+def test_body_limits_hold_for_v2_bodies_compressed_or_not(tmp_path):
+    with running(tmp_path / "data", MAX_UPLOAD_BYTES=64 * 1024) as (srv, client):
+        serve(client, "m")
+        rows = 9000  # 72,000 bytes of float32: above the limit raw, far below it gzipped
+        x = np.zeros((rows, 2), np.float32)
+        header = {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [rows, 2],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ]
+        }
+        content, headers = binary_body(header, x.tobytes())
+        r = client.post("/v2/models/m/infer", content=content, headers=headers)
+        v2_error(r, 413, "payload_too_large")
+        tc = triton_client(srv)
+        try:
+            with pytest.raises(InferenceServerException) as info:
+                tc.infer("m", [infer_input(x, binary=True)], request_compression_algorithm="gzip")
+            assert info.value.status() == "413"
+            assert "decompressed" in info.value.message()
+            small = np.ones((3, 2), np.float32)
+            result = tc.infer(
+                "m", [infer_input(small, binary=True)], request_compression_algorithm="gzip"
+            )
+            assert result.as_numpy("output").shape == (3, 2)
+        finally:
+            tc.close()
