@@ -14,7 +14,7 @@ from service.api.auth import load_or_create_token
 from service.api.deps import Services
 from service.api.errors import install_error_handlers
 from service.api.limits import BodyLimitMiddleware
-from service.api.routes import architectures, datasets, health, jobs, models, predict, versions
+from service.api.routes import architectures, datasets, health, jobs, models, predict, v2, versions
 from service.checkpoints.store import CheckpointStore
 from service.datasets.store import DatasetStore
 from service.db.engine import make_engine, make_sessionmaker, migrate
@@ -112,6 +112,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.add_middleware(BodyLimitMiddleware, limit=settings.MAX_UPLOAD_BYTES)
     install_error_handlers(app)
-    for module in (health, architectures, models, versions, predict, datasets, jobs):
+    for module in (health, architectures, models, versions, predict, v2, datasets, jobs):
         app.include_router(module.router)
     return app

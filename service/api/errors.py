@@ -1,4 +1,8 @@
-"""The one table that turns every error into the contract's `{"detail", "code", ...}` body."""
+"""The one table that turns every error into the contract's `{"detail", "code", ...}` body.
+
+On the Open Inference Protocol's paths (`/v2...`) the body is the protocol's `{"error", "code",
+...}` instead, and 422 becomes 400: the protocol answers every bad request with 400.
+"""
 
 from __future__ import annotations
 
@@ -25,8 +29,18 @@ _HTTP_CODES = {
 
 
 def error_response(
-    status: int, detail: str, code: str, headers: dict[str, str] | None = None, **extra: Any
+    status: int,
+    detail: str,
+    code: str,
+    headers: dict[str, str] | None = None,
+    *,
+    for_path: str = "",
+    **extra: Any,
 ) -> JSONResponse:
+    """The error body for a request to `for_path`: the v2 protocol's form on `/v2` paths."""
+    if for_path == "/v2" or for_path.startswith("/v2/"):
+        status = 400 if status == 422 else status
+        return JSONResponse({"error": detail, "code": code, **extra}, status, headers=headers)
     return JSONResponse({"detail": detail, "code": code, **extra}, status, headers=headers)
 
 
@@ -39,7 +53,9 @@ async def _domain(request: Request, exc: Exception) -> JSONResponse:
     )
     if exc.status >= 500:
         log.error("%s %s: %s", request.method, request.url.path, exc.detail)
-    return error_response(exc.status, exc.detail, exc.code, headers, **exc.extra)
+    return error_response(
+        exc.status, exc.detail, exc.code, headers, for_path=request.url.path, **exc.extra
+    )
 
 
 async def _validation(request: Request, exc: Exception) -> JSONResponse:
@@ -53,18 +69,30 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
         for err in exc.errors()
     ]
     summary = "; ".join(f"{e['field'] or 'body'}: {e['message']}" for e in errors[:5])
-    return error_response(422, f"invalid request: {summary}", "validation_error", errors=errors)
+    return error_response(
+        422,
+        f"invalid request: {summary}",
+        "validation_error",
+        for_path=request.url.path,
+        errors=errors,
+    )
 
 
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, str(exc.detail), code, dict(exc.headers or {}))
+    return error_response(
+        exc.status_code,
+        str(exc.detail),
+        code,
+        dict(exc.headers or {}),
+        for_path=request.url.path,
+    )
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal server error", "internal_error")
+    return error_response(500, "internal server error", "internal_error", for_path=request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -23,7 +23,9 @@ class BodyLimitMiddleware:
         )
         for key, value in scope["headers"]:
             if key == b"content-length" and value.isdigit() and int(value) > self.limit:
-                response = error_response(413, message, "payload_too_large", limit=self.limit)
+                response = error_response(
+                    413, message, "payload_too_large", for_path=scope["path"], limit=self.limit
+                )
                 await response(scope, receive, send)
                 return
         received = 0

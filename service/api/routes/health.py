@@ -8,7 +8,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api.deps import ServicesDep
+from service.api.deps import Services, ServicesDep
 from service.api.schemas import Health, Readiness
 
 log = logging.getLogger(__name__)
@@ -22,13 +22,12 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
-async def readyz(services: ServicesDep) -> JSONResponse:
+async def server_readiness(services: Services) -> Readiness:
     """Ready when every model that has a serving version has exactly that version loaded here.
 
     The serving versions are read from the database on each call, so a process that has not yet
     followed a promote made elsewhere says so; without the database it cannot tell, and is not
-    ready.
+    ready. `/readyz` and the v2 protocol's `/v2/health/ready` both answer from this.
     """
     manager = services.manager
     try:
@@ -39,8 +38,14 @@ async def readyz(services: ServicesDep) -> JSONResponse:
         models = manager.readiness()
         reachable = False
     ready = reachable and all(m["ready"] for m in models.values())
-    body = Readiness(status="ready" if ready else "not_ready", models=models)
-    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+    return Readiness(status="ready" if ready else "not_ready", models=models)
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+async def readyz(services: ServicesDep) -> JSONResponse:
+    """200 when ready (see `server_readiness`), else 503 with the per-model report."""
+    body = await server_readiness(services)
+    return JSONResponse(body.model_dump(), status_code=200 if body.status == "ready" else 503)
 
 
 @router.get("/metrics")

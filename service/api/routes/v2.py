@@ -1,0 +1,226 @@
+"""The Open Inference Protocol (v2, KServe/Triton REST) over the same handles and batcher as /v1.
+
+Health, server and model metadata, model readiness and infer, also under
+`/v2/models/{name}/versions/{v}/...` (a pinned version, as `?version=N` on /v1). Errors here have
+the protocol's form `{"error": ..., "code": ...}`, and bad requests answer 400 where /v1 answers
+422 (the protocol's status for a bad request); every other status is /v1's (see
+`service.api.errors`). Tensors are read and written by `service.api.v2_codec`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from functools import partial
+from typing import Annotated, Any
+
+import torch
+from fastapi import APIRouter, Path, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from models import get_architecture
+from service.api.deps import ReadAuth, Services, ServicesDep
+from service.api.routes.health import server_readiness
+from service.api.v2_codec import (
+    INPUT_NAME,
+    Decoded,
+    decode_request,
+    decompress,
+    encode_response,
+)
+from service.errors import BNServeError, NotFound, Overloaded
+from service.serving.loaded import LoadedModel
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
+
+# Bodies and outputs above this are decoded/encoded in a worker thread; below it the thread hop
+# costs more than the work, so it runs on the event loop.
+OFFLOAD_BYTES = 64 * 1024
+
+VersionPath = Annotated[int, Path(ge=1, description="a stored version number")]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+def output_names(is_classifier: bool) -> list[str]:
+    """`output` (the raw outputs) and, for classifiers, their softmax `probabilities`."""
+    return ["output", "probabilities"] if is_classifier else ["output"]
+
+
+@router.get("", dependencies=[ReadAuth])
+async def server_metadata(request: Request) -> ServerMetadata:
+    return ServerMetadata(
+        name="bnserve", version=request.app.version, extensions=["binary_tensor_data"]
+    )
+
+
+@router.get("/health/live")
+async def live() -> dict[str, bool]:
+    """Like /healthz: answers while the process runs (no token, as a probe)."""
+    return {"live": True}
+
+
+@router.get("/health/ready", responses={400: {"description": "not ready"}})
+async def ready(services: ServicesDep) -> JSONResponse:
+    """Like /readyz, but 400 when not ready: the protocol's (and Triton's) status for false."""
+    report = await server_readiness(services)
+    ok = report.status == "ready"
+    return JSONResponse({"ready": ok, "models": report.models}, status_code=200 if ok else 400)
+
+
+async def _metadata(services: Services, name: str, version: int | None) -> ModelMetadata:
+    row = await asyncio.to_thread(services.registry.get_model, name)
+    if version is not None:
+        await asyncio.to_thread(services.registry.get_version, name, version)  # 404 if absent
+        versions = [str(version)]
+    else:
+        versions = [str(v.version) for v in row.versions]
+    config = get_architecture(row.architecture).parse_config(row.config)
+    outputs = [
+        TensorMetadata(name=n, datatype="FP32", shape=[-1, config.num_outputs()])
+        for n in output_names(config.task == "classification")
+    ]
+    return ModelMetadata(
+        name=row.name,
+        versions=versions,
+        platform="pytorch",
+        inputs=[
+            TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=[-1, *config.input_shape()])
+        ],
+        outputs=outputs,
+    )
+
+
+@router.get("/models/{name}", dependencies=[ReadAuth])
+async def model_metadata(name: str, services: ServicesDep) -> ModelMetadata:
+    """Inputs and outputs of the model; `versions` lists every stored version."""
+    return await _metadata(services, name, None)
+
+
+@router.get("/models/{name}/versions/{version}", dependencies=[ReadAuth])
+async def model_version_metadata(
+    name: str, version: VersionPath, services: ServicesDep
+) -> ModelMetadata:
+    return await _metadata(services, name, version)
+
+
+async def _model_ready(services: Services, name: str, version: int | None) -> dict[str, Any]:
+    """Ready when an infer would be answered now: the serving (or pinned) version is loaded,
+    loading it first if this process does not hold it yet, exactly as infer would."""
+    try:
+        handle = await services.manager.handle_for(name, version)
+    except NotFound:
+        raise
+    except BNServeError as exc:
+        # The base error answers 400: the protocol's "not ready".
+        raise BNServeError(f"model {name!r} is not ready: {exc.detail}", code=exc.code) from None
+    return {"name": name, "version": str(handle.version), "ready": True}
+
+
+@router.get("/models/{name}/ready", dependencies=[ReadAuth])
+async def model_ready(name: str, services: ServicesDep) -> dict[str, Any]:
+    return await _model_ready(services, name, None)
+
+
+@router.get("/models/{name}/versions/{version}/ready", dependencies=[ReadAuth])
+async def model_version_ready(
+    name: str, version: VersionPath, services: ServicesDep
+) -> dict[str, Any]:
+    return await _model_ready(services, name, version)
+
+
+def _decode(body: bytes, request: Request, loaded: LoadedModel, services: Services) -> Decoded:
+    settings = services.settings
+    body = decompress(body, request.headers.get("content-encoding"), settings.MAX_UPLOAD_BYTES)
+    return decode_request(
+        body,
+        request.headers.get("inference-header-content-length"),
+        input_shape=loaded.input_shape,
+        output_names=output_names(loaded.is_classifier),
+        max_batch=settings.MAX_REQUEST_BATCH,
+    )
+
+
+def _encode(loaded: LoadedModel, decoded: Decoded, out: torch.Tensor) -> tuple[bytes, int | None]:
+    tensors = []
+    for name, binary in decoded.outputs:
+        value = torch.softmax(out, dim=1) if name == "probabilities" else out
+        tensors.append((name, value.numpy(), binary))
+    return encode_response(
+        model_name=loaded.name,
+        model_version=loaded.version,
+        request_id=decoded.id,
+        tensors=tensors,
+    )
+
+
+async def _infer(request: Request, services: Services, name: str, version: int | None) -> Response:
+    started = time.perf_counter()
+    handle = await services.manager.handle_for(name, version)
+    loaded = handle.loaded
+    settings = services.settings
+    metrics = services.metrics
+    outcome = "error"
+    try:
+        body = await request.body()
+        decode = partial(_decode, body, request, loaded, services)
+        decoded = decode() if len(body) <= OFFLOAD_BYTES else await asyncio.to_thread(decode)
+        try:
+            async with asyncio.timeout(settings.PREDICT_TIMEOUT_S):
+                out = await handle.batcher.submit(decoded.x)
+        except TimeoutError:
+            raise Overloaded(
+                f"prediction took longer than {settings.PREDICT_TIMEOUT_S} s "
+                "(BNSERVE_PREDICT_TIMEOUT_S)",
+                code="timeout",
+                retry_after=1.0,
+            ) from None
+        encode = partial(_encode, loaded, decoded, out)
+        large = out.numel() * 4 * len(decoded.outputs) > OFFLOAD_BYTES
+        content, header_length = await asyncio.to_thread(encode) if large else encode()
+        outcome = "ok"
+    except BNServeError as exc:
+        outcome = exc.code
+        raise
+    finally:
+        metrics.predictions.labels(name, str(loaded.version), outcome).inc()
+        metrics.latency.labels(name).observe(time.perf_counter() - started)
+    metrics.samples.labels(name).inc(decoded.x.shape[0])
+    headers = {"X-Model-Version": str(loaded.version)}
+    if header_length is None:
+        return Response(content, media_type="application/json", headers=headers)
+    headers["Inference-Header-Content-Length"] = str(header_length)
+    return Response(content, media_type="application/octet-stream", headers=headers)
+
+
+@router.post("/models/{name}/infer", dependencies=[ReadAuth])
+async def infer(request: Request, name: str, services: ServicesDep) -> Response:
+    """Outputs of the serving version for the request's `input` batch (JSON or binary)."""
+    return await _infer(request, services, name, None)
+
+
+@router.post("/models/{name}/versions/{version}/infer", dependencies=[ReadAuth])
+async def infer_version(
+    request: Request, name: str, version: VersionPath, services: ServicesDep
+) -> Response:
+    """Outputs of a pinned version (loaded on demand, as `?version=N` on /v1)."""
+    return await _infer(request, services, name, version)

@@ -1,0 +1,295 @@
+"""The Open Inference Protocol's tensors on the wire: its JSON form and the binary extension.
+
+A request body is a JSON object, or (binary tensor data extension, as Triton's clients send it)
+a JSON header of `Inference-Header-Content-Length` bytes followed by the raw tensors, each input
+saying its byte count in `parameters.binary_data_size`, in input order. Outputs come back as
+JSON `data`, or raw after the JSON header when `binary_data` is asked for per output (or for all
+of them with the request's `binary_data_output`); the response then names its header's length in
+the same header. Raw tensors are little-endian, row-major.
+
+Decoding ends in `check_array`, so /v2 inputs pass exactly the checks of /v1 (same codes). Shapes
+carry the batch dimension in this protocol, so the shape messages say `[-1, *sample_shape]`.
+Responses are written with orjson straight from NumPy: no Python lists of floats.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from service.errors import InvalidInput, PayloadTooLarge
+from service.serving.inputs import check_array
+
+INPUT_NAME = "input"
+
+# The protocol's numeric datatypes as NumPy types (little-endian on the wire). BOOL, BYTES and
+# BF16 are refused: a BatchNorm model takes numbers, and NumPy has no bfloat16.
+DATATYPES: dict[str, np.dtype[Any]] = {
+    name: np.dtype(code).newbyteorder("<")
+    for name, code in {
+        "UINT8": "u1",
+        "UINT16": "u2",
+        "UINT32": "u4",
+        "UINT64": "u8",
+        "INT8": "i1",
+        "INT16": "i2",
+        "INT32": "i4",
+        "INT64": "i8",
+        "FP16": "f2",
+        "FP32": "f4",
+        "FP64": "f8",
+    }.items()
+}
+
+
+class _Open(BaseModel):
+    # Clients may send fields this server does not use (Triton's sequence ids, priority...).
+    model_config = ConfigDict(extra="allow")
+
+
+class InferInputTensor(_Open):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: Any = None
+
+
+class InferRequestedOutput(_Open):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(_Open):
+    """The request's JSON object (the header, when binary tensors follow it)."""
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[InferInputTensor]
+    outputs: list[InferRequestedOutput] | None = None
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What an infer request asks: the checked batch, and which outputs in which form."""
+
+    id: str | None
+    x: torch.Tensor
+    outputs: list[tuple[str, bool]]  # (output name, as binary)
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """A `Content-Encoding: gzip|deflate` body (tritonclient's request compression), bounded."""
+    if encoding is None or encoding.lower() in ("", "identity"):
+        return body
+    wbits = {"gzip": 31, "deflate": 15}.get(encoding.lower())
+    if wbits is None:
+        raise InvalidInput(
+            f"Content-Encoding {encoding[:32]!r} is not supported; use gzip, deflate or none",
+            code="unsupported_encoding",
+        )
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInput(
+            f"body is not valid {encoding} data: {exc}", code="invalid_encoding"
+        ) from None
+    if len(out) > limit:
+        raise PayloadTooLarge(
+            f"decompressed body is larger than the limit of {limit} bytes "
+            "(BNSERVE_MAX_UPLOAD_BYTES)",
+            limit=limit,
+        )
+    if not inflater.eof:
+        raise InvalidInput(f"body is truncated {encoding} data", code="invalid_encoding")
+    return out
+
+
+def decode_request(
+    body: bytes,
+    header_length: str | None,
+    *,
+    input_shape: tuple[int, ...],
+    output_names: list[str],
+    max_batch: int,
+) -> Decoded:
+    """The batch and requested outputs of an infer body; every problem is an `InvalidInput`."""
+    header, binary = _split(body, header_length)
+    try:
+        request = InferRequest.model_validate_json(header)
+    except ValidationError as exc:
+        errors = [
+            {
+                "field": ".".join(str(p) for p in err["loc"]),
+                "message": err["msg"],
+                "type": err["type"],
+            }
+            for err in exc.errors(include_url=False)
+        ]
+        summary = "; ".join(f"{e['field'] or 'body'}: {e['message']}" for e in errors[:5])
+        raise InvalidInput(
+            f"invalid inference request: {summary}", code="validation_error", errors=errors
+        ) from None
+    if len(request.inputs) != 1 or request.inputs[0].name != INPUT_NAME:
+        found = [t.name for t in request.inputs]
+        raise InvalidInput(
+            f"the model takes exactly one input named {INPUT_NAME!r}, the request has {found}",
+            code="invalid_input_name",
+        )
+    tensor = request.inputs[0]
+    array = _input_array(tensor, binary, input_shape)
+    x, _ = check_array(array, input_shape, max_batch)
+    return Decoded(request.id, x, _requested(request, output_names))
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    if header_length is None:
+        return body, memoryview(b"")
+    try:
+        n = int(header_length)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= len(body):
+        raise InvalidInput(
+            f"Inference-Header-Content-Length {header_length[:32]!r} is not a byte count within "
+            f"the body's {len(body)} bytes",
+            code="invalid_header_length",
+        )
+    return body[:n], memoryview(body)[n:]
+
+
+def _expected(input_shape: tuple[int, ...]) -> str:
+    return f"the model takes shape {[-1, *input_shape]} (a batch of N x {list(input_shape)})"
+
+
+def _input_array(
+    tensor: InferInputTensor, binary: memoryview, input_shape: tuple[int, ...]
+) -> np.ndarray[Any, Any]:
+    dtype = DATATYPES.get(tensor.datatype)
+    if dtype is None:
+        raise InvalidInput(
+            f"input {tensor.name!r} has datatype {tensor.datatype[:32]!r}; send FP32 (or another "
+            f"numeric type: {', '.join(DATATYPES)})",
+            code="invalid_input_type",
+            expected_shape=[-1, *input_shape],
+        )
+    shape = tuple(tensor.shape)
+    if len(shape) != len(input_shape) + 1 or shape[1:] != input_shape or shape[0] < 0:
+        raise InvalidInput(
+            f"input {tensor.name!r} has shape {list(shape)}; {_expected(input_shape)}",
+            code="invalid_input_shape",
+            expected_shape=[-1, *input_shape],
+            found_shape=list(shape),
+        )
+    if shape[0] == 0:
+        raise InvalidInput(
+            f"input {tensor.name!r} is an empty batch; {_expected(input_shape)}",
+            code="empty_batch",
+            expected_shape=[-1, *input_shape],
+        )
+    count = math.prod(shape)
+    params = tensor.parameters or {}
+    if "shared_memory_region" in params:
+        raise InvalidInput(
+            "the shared-memory extension is not supported; send the tensor in the body",
+            code="unsupported_parameter",
+        )
+    size = params.get("binary_data_size")
+    if size is not None:
+        if tensor.data is not None:
+            raise InvalidInput(
+                f"input {tensor.name!r} has both JSON data and binary_data_size",
+                code="invalid_input",
+            )
+        if size != len(binary) or size != count * dtype.itemsize:
+            raise InvalidInput(
+                f"input {tensor.name!r} of shape {list(shape)} and datatype {tensor.datatype} "
+                f"needs {count * dtype.itemsize} bytes; binary_data_size says {size!r} and the "
+                f"body has {len(binary)} after the JSON header",
+                code="invalid_binary_data",
+            )
+        return np.frombuffer(binary, dtype=dtype).reshape(shape)
+    if len(binary):
+        raise InvalidInput(
+            f"the body has {len(binary)} bytes after the JSON header but no input declares "
+            "binary_data_size",
+            code="invalid_binary_data",
+        )
+    if tensor.data is None:
+        raise InvalidInput(f"input {tensor.name!r} has no data", code="invalid_input")
+    try:
+        array = np.asarray(tensor.data)
+    except ValueError:
+        raise InvalidInput(
+            f"input {tensor.name!r} data is ragged (nested lists of different lengths)",
+            code="invalid_input_shape",
+            expected_shape=[-1, *input_shape],
+        ) from None
+    if array.size != count:
+        raise InvalidInput(
+            f"input {tensor.name!r} has {array.size} values; its shape {list(shape)} needs {count}",
+            code="invalid_input_shape",
+            expected_shape=[-1, *input_shape],
+            found_shape=list(shape),
+        )
+    return array.reshape(shape)
+
+
+def _requested(request: InferRequest, output_names: list[str]) -> list[tuple[str, bool]]:
+    binary_default = bool((request.parameters or {}).get("binary_data_output", False))
+    if request.outputs is None:
+        return [(name, binary_default) for name in output_names]
+    requested: list[tuple[str, bool]] = []
+    for output in request.outputs:
+        if output.name not in output_names:
+            raise InvalidInput(
+                f"unknown output {output.name!r}; this model has outputs {output_names}",
+                code="unknown_output",
+                outputs=output_names,
+            )
+        params = output.parameters or {}
+        if params.get("classification") or "shared_memory_region" in params:
+            raise InvalidInput(
+                "the classification and shared-memory extensions are not supported; ask for "
+                "'probabilities' instead",
+                code="unsupported_parameter",
+            )
+        requested.append((output.name, bool(params.get("binary_data", binary_default))))
+    return requested
+
+
+def encode_response(
+    *,
+    model_name: str,
+    model_version: int,
+    request_id: str | None,
+    tensors: list[tuple[str, np.ndarray[Any, Any], bool]],
+) -> tuple[bytes, int | None]:
+    """The response body, and its JSON header's length when binary outputs follow it."""
+    outputs: list[dict[str, Any]] = []
+    raw: list[bytes] = []
+    for name, array, binary in tensors:
+        entry: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
+        if binary:
+            data = np.ascontiguousarray(array, dtype="<f4").tobytes()
+            entry["parameters"] = {"binary_data_size": len(data)}
+            raw.append(data)
+        else:
+            entry["data"] = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
+        outputs.append(entry)
+    head: dict[str, Any] = {"model_name": model_name, "model_version": str(model_version)}
+    if request_id is not None:
+        head["id"] = request_id
+    head["outputs"] = outputs
+    header = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not raw:
+        return header, None
+    return b"".join([header, *raw]), len(header)
