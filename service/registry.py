@@ -68,7 +68,13 @@ class Registry:
 
     # Models
 
-    def create_model(self, name: str, architecture: str, config: dict[str, Any]) -> ModelRow:
+    def create_model(
+        self,
+        name: str,
+        architecture: str,
+        config: dict[str, Any],
+        serving: dict[str, Any] | None = None,
+    ) -> ModelRow:
         check_name(name)
         _, cfg = parse_config(architecture, config)
         exists = Conflict(f"model {name!r} already exists", code="model_exists")
@@ -81,6 +87,7 @@ class Registry:
                     name=name,
                     architecture=architecture,
                     config=cfg.model_dump(mode="json"),
+                    serving=serving,
                     last_version=0,
                 )
                 session.add(row)
@@ -209,6 +216,16 @@ class Registry:
                 .where(ModelRow.id == model_id)
                 .values(serving_version=version, promoted_at=utcnow())
             )
+
+    def serving_options(self, name: str) -> dict[str, Any]:
+        """A model's stored serving options (empty: the settings' defaults)."""
+        with self._tx() as session:
+            row = session.execute(
+                select(ModelRow.id, ModelRow.serving).where(ModelRow.name == name)
+            ).first()
+            if row is None:
+                raise NotFound(f"model {name!r} does not exist", code="model_not_found")
+            return dict(row.serving or {})
 
     def read_checkpoint(self, name: str, version: int) -> tuple[ModelRow, VersionRow, bytes]:
         model = self.get_model(name)

@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     PREDICT_TIMEOUT_S: float = Field(30.0, gt=0)
     # Loaded non-serving versions kept for `?version=N` (LRU); serving versions never count.
     VERSION_CACHE_SIZE: int = Field(2, ge=0)
+    # Loads of `?version=N` versions from disk at once; more get 503 rather than thrash.
+    MAX_PINNED_LOADS: int = Field(1, ge=1, le=64)
     # How often each API process reads the serving versions from the database.
     SYNC_INTERVAL_S: float = Field(1.0, gt=0, le=60)
 

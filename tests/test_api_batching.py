@@ -8,12 +8,15 @@ with other clients' samples, and no number of predictions changes `running_mean`
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import AUTH, pt_bytes, trained_state_dict, upload
 from tests.helpers_api import (
     arch_cases,
     batch_size_histogram,
@@ -27,6 +30,7 @@ from tests.helpers_api import (
     samples,
     serve,
 )
+from tests.helpers_serving import hold_forwards, marked
 
 # --- batch invariance under dynamic batching ----------------------------------------------------
 
@@ -124,3 +128,65 @@ def test_thousands_of_predictions_leave_bn_statistics_bit_for_bit(
         assert torch.equal(after[key].cpu(), state_dict[key]), key
     assert not any(m.training for m in handle.loaded.module.modules())
     assert close(torch.cat(outputs), reference_outputs(architecture, state_dict, x, **config))
+
+
+# --- the batching rule: never wait for company, gather what queued while the model was busy ----
+
+
+def _batch_histogram(client: httpx.Client) -> dict[str, float]:
+    """bnserve_batch_size for model `m`: its `count`, `sum` and cumulative `le=N` buckets."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        if family.name == "bnserve_batch_size":
+            for s in family.samples:
+                if s.labels.get("model") != "m":
+                    continue
+                key = s.name.rsplit("_", 1)[-1]
+                out[f"le={s.labels['le']}" if key == "bucket" else key] = s.value
+    return out
+
+
+def _predict_own(url: str, x: torch.Tensor) -> torch.Tensor:
+    with httpx.Client(base_url=url, timeout=60) as own:
+        return predict_ok(own, "m", x)[0]
+
+
+@pytest.mark.parametrize(("max_batch", "passes"), [(None, 2), (4, 3)])
+def test_a_lone_request_goes_at_once_and_requests_queued_meanwhile_share_the_next_pass(
+    tmp_path, max_batch, passes
+):
+    """Request A finds the model free and its pass starts alone, without waiting for company
+    (it is then held inside its forward). Six more arrive while it runs; when it ends they go
+    together, in passes of at most the model's own `serving.max_batch_size`."""
+    with running(tmp_path / "data") as (srv, client), hold_forwards() as hold:
+        serving = {} if max_batch is None else {"max_batch_size": max_batch}
+        r = client.post(
+            "/v1/models",
+            json={"name": "m", "architecture": "mlp_bn", "serving": serving},
+            headers=AUTH,
+        )
+        assert r.status_code == 201, r.text
+        assert r.json()["serving"] == {"max_batch_size": max_batch}
+        assert upload(client, "m", pt_bytes(trained_state_dict("mlp_bn"))).status_code == 201
+        batcher = srv.app_services.manager._serving["m"].batcher
+        assert batcher.max_batch == (max_batch or srv.app_services.settings.MAX_BATCH_SIZE)
+        xs = [marked(torch.randn(1, 2))] + [torch.randn(1, 2) for _ in range(6)]
+        with ThreadPoolExecutor(7) as pool:
+            first = pool.submit(_predict_own, srv.url, xs[0])
+            assert hold.entered.wait(10), "the lone request's pass started without company"
+            rest = [pool.submit(_predict_own, srv.url, x) for x in xs[1:]]
+            deadline = time.monotonic() + 20
+            while batcher.in_flight < 7 and time.monotonic() < deadline:
+                time.sleep(0.02)  # the six are queued behind the held pass
+            assert batcher.in_flight == 7
+            hold.release()
+            outputs = [f.result(timeout=30) for f in [first, *rest]]
+        histogram = _batch_histogram(client)
+        alone = [predict_ok(client, "m", x)[0] for x in xs]
+    assert histogram["count"] == passes + 0, histogram
+    assert histogram["sum"] == 7
+    assert histogram["le=1.0"] == 1  # the lone request's pass
+    if max_batch is not None:
+        assert histogram[f"le={float(max_batch)}"] == passes  # no pass above the model's bound
+    for got, want in zip(outputs, alone, strict=True):
+        assert close(got, want)

@@ -278,6 +278,49 @@ def test_pinned_versions_come_from_a_bounded_lru_cache(spawn):
         assert r.json()["code"] == "version_not_found"
 
 
+def test_pinned_loads_are_shared_per_version_and_bounded_across_versions(
+    thread_server, monkeypatch
+):
+    """Requests for one uncached version share one load; a request for another uncached
+    version while it loads gets 503 `loads_in_flight` with Retry-After, instead of queueing a
+    reload per request (issue #9: alternating `?version=N` outside the cache thrashed)."""
+    entered, go_on = threading.Event(), threading.Event()
+    loads: list[int] = []
+    build = manager_module.build_loaded
+
+    def held_build(**kwargs: Any) -> Any:
+        loads.append(kwargs["version"])
+        if kwargs["version"] == 1:
+            entered.set()
+            go_on.wait(30)
+        return build(**kwargs)
+
+    srv = thread_server(VERSION_CACHE_SIZE=0)
+    book = Book()
+    x = torch.randn(2, 2)
+    with httpx.Client(base_url=srv.url, timeout=30) as c, ThreadPoolExecutor(3) as pool:
+        create_model(c, "m", "mlp_bn")
+        for seed in range(1, 4):
+            book.upload(c, "m", seed=seed)  # version == seed; 3 serves, none cached
+        monkeypatch.setattr(manager_module, "build_loaded", held_build)
+        first = pool.submit(predict, c, "m", x, 1)
+        assert entered.wait(10)
+        second = pool.submit(predict, c, "m", x, 1)
+        r = predict(c, "m", x, version=2)
+        assert r.status_code == 503, r.text
+        assert r.json()["code"] == "loads_in_flight"
+        assert r.headers["retry-after"] == "1"
+        go_on.set()
+        for done in (first, second):
+            served = Served(done.result(timeout=30))
+            assert served.version == 1
+            assert close(served.outputs, book.expected(1, x))
+        assert loads == [1]  # one load for both requests
+        served = Served(predict(c, "m", x, version=2))  # and the next load may go
+        assert close(served.outputs, book.expected(2, x))
+        assert Served(predict(c, "m", x)).version == 3
+
+
 # 3. Memory
 
 

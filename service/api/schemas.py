@@ -33,12 +33,27 @@ class ArchitecturePublic(BaseModel):
     default_config: dict[str, Any]
 
 
+class ServingOptions(BaseModel):
+    """How one model is served; anything left out takes the server's setting."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=65536,
+        description="most samples in one forward pass (default BNSERVE_MAX_BATCH_SIZE); a "
+        "heavy model on a small CPU may want fewer, a GPU more",
+    )
+
+
 class ModelCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(examples=["digits"])
     architecture: str = Field(examples=["mnist_cnn"])
     config: dict[str, Any] = Field(default_factory=dict)
+    serving: ServingOptions = Field(default_factory=ServingOptions)
 
 
 class VersionPublic(BaseModel):
@@ -75,6 +90,7 @@ class ModelPublic(BaseModel):
     task: str
     labels: list[str] | None
     serving_version: int | None
+    serving: ServingOptions
     versions: list[VersionPublic]
     created_at: datetime
 
@@ -90,6 +106,7 @@ class ModelPublic(BaseModel):
             task=task,
             labels=labels,
             serving_version=row.serving_version,
+            serving=ServingOptions.model_validate(row.serving or {}),
             versions=[VersionPublic.of(v, row.serving_version) for v in row.versions],
             created_at=row.created_at,
         )

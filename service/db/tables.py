@@ -59,6 +59,8 @@ class ModelRow(Base):
     architecture: Mapped[str] = mapped_column(String(128))
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     serving_version: Mapped[int | None] = mapped_column(Integer)
+    # Per-model serving options (`ServingOptions` in the API); null: the settings' defaults.
+    serving: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # Bumped in the same transaction that inserts a version: numbers are unique, gap-free and
     # never reused, even after a version is deleted.
     last_version: Mapped[int] = mapped_column(Integer, default=0)

@@ -27,7 +27,7 @@ import torch
 
 from models import get_architecture
 from service.checkpoints.validation import state_dict_from_safetensors
-from service.errors import NotFound, NotServing
+from service.errors import NotFound, NotServing, Overloaded
 from service.loops import PeriodicLoop
 from service.registry import Registry
 from service.serving.batcher import Admission, Batcher
@@ -75,6 +75,9 @@ class ModelManager:
         self._wanted: dict[str, int | None] = {}
         self._errors: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._loading: dict[tuple[str, int], asyncio.Future[Handle]] = {}
+        # Per-model `max_batch_size` from the model's serving options, read when it loads.
+        self._max_batch: dict[str, int] = {}
         # Counts swaps, so a sync pass can tell which models changed here while it read the DB.
         self._swaps = 0
         self._swapped_at: dict[str, int] = {}
@@ -112,13 +115,49 @@ class ModelManager:
         if cached is not None:
             self._cache.move_to_end(key)
             return cached
-        assert version is not None
-        async with self.lock(name):
-            cached = self._cache.get(key)
-            if cached is None:
-                cached = self._new_handle(await asyncio.to_thread(self._load, name, version))
-                self._remember(cached)
-            return cached
+        return await self._load_pinned(name, version)
+
+    async def _load_pinned(self, name: str, version: int) -> Handle:
+        """Load a version that is neither serving nor cached, for `?version=N`.
+
+        Requests for the same version share one load. Loads of other versions beyond
+        `MAX_PINNED_LOADS` are refused with 503 instead of queued: clients alternating between
+        more versions than the LRU cache holds would otherwise have every request reload one
+        from disk (issue #9: reads that amplify).
+        """
+        key = (name, version)
+        loading = self._loading.get(key)
+        if loading is not None:
+            return await asyncio.shield(loading)
+        if len(self._loading) >= self._settings.MAX_PINNED_LOADS:
+            raise Overloaded(
+                f"{len(self._loading)} other version load(s) in flight (limit "
+                f"{self._settings.MAX_PINNED_LOADS}, BNSERVE_MAX_PINNED_LOADS); retry shortly, "
+                "or raise BNSERVE_VERSION_CACHE_SIZE to keep more versions loaded",
+                code="loads_in_flight",
+                retry_after=1.0,
+            )
+        future: asyncio.Future[Handle] = asyncio.get_running_loop().create_future()
+        self._loading[key] = future
+        try:
+            async with self.lock(name):
+                handle = self._cache.get(key)
+                if handle is None:
+                    handle = self._new_handle(await asyncio.to_thread(self._load, name, version))
+                    self._remember(handle)
+            future.set_result(handle)
+            return handle
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                future.set_exception(exc)
+                future.exception()  # retrieved: nobody else may be waiting
+            else:
+                future.cancel()
+            if isinstance(exc, NotFound) and name not in self._serving:
+                self._locks.pop(name, None)  # no state left behind for names that do not exist
+            raise
+        finally:
+            del self._loading[key]
 
     async def _serving_or_raise(self, name: str) -> Handle:
         """A model that serves in the database but not yet here: a replica that has not synced
@@ -146,6 +185,8 @@ class ModelManager:
     async def install(self, loaded: LoadedModel) -> Handle:
         """Make an already loaded and gated version serve (after its promote is recorded)."""
         async with self.lock(loaded.name):
+            options = await asyncio.to_thread(self._registry.serving_options, loaded.name)
+            self._note_options(loaded.name, options)
             await asyncio.to_thread(self._registry.set_serving, loaded.name, loaded.version)
             return self._swap(self._new_handle(loaded))
 
@@ -170,6 +211,7 @@ class ModelManager:
             if handle is not None:
                 self._retire(handle)
         self._wanted.pop(name, None)
+        self._max_batch.pop(name, None)
         self._errors.pop(name, None)
         self._swapped_at.pop(name, None)
 
@@ -228,6 +270,13 @@ class ModelManager:
 
         weakref.finalize(handle.loaded, release_soon).atexit = False
 
+    def _note_options(self, name: str, options: dict[str, object]) -> None:
+        size = options.get("max_batch_size")
+        if isinstance(size, int):
+            self._max_batch[name] = size
+        else:
+            self._max_batch.pop(name, None)
+
     def _new_handle(self, loaded: LoadedModel) -> Handle:
         name = loaded.name
         on_batch = self.on_batch
@@ -238,7 +287,7 @@ class ModelManager:
 
         batcher = Batcher(
             loaded.forward,
-            max_batch=self._settings.MAX_BATCH_SIZE,
+            max_batch=self._max_batch.get(name, self._settings.MAX_BATCH_SIZE),
             executor=self._executor,
             admission=self.admission,
             on_batch=count,
@@ -248,6 +297,7 @@ class ModelManager:
     def _load(self, name: str, version: int) -> LoadedModel:
         """Read, verify, build and gate one stored version (blocking)."""
         model, row, data = self._registry.read_checkpoint(name, version)
+        self._note_options(name, model.serving or {})
         arch = get_architecture(model.architecture)
         return build_loaded(
             name=name,

@@ -22,8 +22,9 @@ def model_public(row: ModelRow) -> ModelPublic:
 
 @router.post("", status_code=201, dependencies=[WriteAuth])
 async def create_model(body: ModelCreate, services: ServicesDep) -> ModelPublic:
+    serving = body.serving.model_dump(exclude_none=True) or None
     row = await asyncio.to_thread(
-        services.registry.create_model, body.name, body.architecture, body.config
+        services.registry.create_model, body.name, body.architecture, body.config, serving
     )
     return model_public(row)
 
