@@ -13,6 +13,7 @@ from models import load_plugins
 from service.api.auth import load_or_create_token
 from service.api.deps import Services
 from service.api.errors import install_error_handlers
+from service.api.fastpath import PredictFastPath
 from service.api.limits import BodyLimitMiddleware
 from service.api.routes import architectures, datasets, health, jobs, models, predict, v2, versions
 from service.checkpoints.store import CheckpointStore
@@ -110,6 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    # Added first, so it is the innermost middleware: the others still wrap every prediction.
+    app.add_middleware(PredictFastPath)
     app.add_middleware(BodyLimitMiddleware, limit=settings.MAX_UPLOAD_BYTES)
     install_error_handlers(app)
     for module in (health, architectures, models, versions, predict, v2, datasets, jobs):

@@ -95,6 +95,16 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal server error", "internal_error", for_path=request.url.path)
 
 
+async def response_for(request: Request, exc: Exception) -> JSONResponse:
+    """What the handler table answers for `exc`, for code that runs outside FastAPI's routing
+    (the predict fast path, `service/api/fastpath.py`)."""
+    if isinstance(exc, BNServeError):
+        return await _domain(request, exc)
+    if isinstance(exc, StarletteHTTPException):
+        return await _http(request, exc)
+    return await _unexpected(request, exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(BNServeError, _domain)
     app.add_exception_handler(RequestValidationError, _validation)

@@ -18,7 +18,7 @@ import orjson
 import torch
 from fastapi import APIRouter, Query, Request, Response
 
-from service.api.deps import ReadAuth, ServicesDep
+from service.api.deps import ReadAuth, Services, ServicesDep
 from service.api.schemas import PredictRequest, PredictResponse
 from service.errors import (
     BNServeError,
@@ -167,7 +167,17 @@ async def predict(
     services: ServicesDep,
     version: Annotated[int | None, Query(ge=1, le=MAX_VERSION)] = None,
 ) -> Response:
-    """Outputs of the serving version (or `?version=N`), one row per sample."""
+    """Outputs of the serving version (or `?version=N`), one row per sample.
+
+    In a running server `service/api/fastpath.py` answers this route before FastAPI's router
+    sees it, with the same `answer` below; this declaration documents it and serves any app
+    built without the fast path.
+    """
+    return await answer(request, services, name, version)
+
+
+async def answer(request: Request, services: Services, name: str, version: int | None) -> Response:
+    """The prediction for one request: read, decode, batch, forward, encode."""
     started = time.perf_counter()
     settings = services.settings
     kind = _media_kind(request.headers.get("content-type"))
