@@ -109,6 +109,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Serve PyTorch BatchNorm models from checked, versioned, atomically swapped "
         "checkpoints",
         lifespan=lifespan,
+        # FastAPI's built-in OpenTelemetry hooks look up the global providers (and the
+        # environment) on every request: 9% of the event loop's time per prediction in a py-spy
+        # profile (issue #8). bnserve's metrics are Prometheus (/metrics); nothing uses OTel.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     # Added first, so it is the innermost middleware: the others still wrap every prediction.
