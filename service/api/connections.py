@@ -25,6 +25,9 @@ from service.api.errors import error_response
 log = logging.getLogger(__name__)
 
 DEFAULT_HEADER_TIMEOUT_S = 5.0
+# A request head follows the TCP handshake within one round trip; a connection this young is
+# not closed to make room for a newer one (only for a request whose head has arrived).
+EVICTION_GRACE_S = 0.25
 
 
 class _ConnectionGuard:
@@ -53,7 +56,9 @@ class _ConnectionGuard:
         self._waiting_since = self.loop.time()
         self._arm_head_timer()
         if self._cap is not None and len(self.connections) > self._cap:
-            self._evict_one()
+            # Keeps the sockets open near the cap. Connections younger than the grace are spared,
+            # so a churning flood cannot close a client's connection before its head is read.
+            self._make_room(min_idle_s=min(EVICTION_GRACE_S, self._header_timeout_s / 2))
 
     def _arm_head_timer(self) -> None:
         if self._head_timer is None and not self.transport.is_closing():
@@ -85,23 +90,37 @@ class _ConnectionGuard:
             if isinstance(c, _ConnectionGuard) and not c.transport.is_closing()
         ]
 
-    def _evict_one(self) -> None:
-        """Close the longest-waiting other connection without a request in progress, if any."""
+    def _make_room(self, min_idle_s: float) -> None:
+        """Close the longest-waiting connections without a request (idle at least `min_idle_s`)
+        until the open ones are within the cap."""
         live = self._live_connections()
-        if self._cap is None or len(live) <= self._cap:
+        excess = len(live) - (self._cap or len(live))
+        if excess <= 0:
             return
-        idle = [c for c in live if c is not self and c._waiting_since is not None]
-        if idle:
-            oldest = min(idle, key=lambda c: c._waiting_since or 0.0)
+        now = self.loop.time()
+        idle = sorted(
+            (
+                (c._waiting_since, id(c), c)
+                for c in live
+                if c is not self
+                and c._waiting_since is not None
+                and now - c._waiting_since >= min_idle_s
+            ),
+        )
+        for _, _, oldest in idle[:excess]:
             log.debug("at the connection cap: closing the longest-waiting idle connection")
             oldest.transport.close()
 
     def _over_capacity(self) -> bool:
+        """Whether the request whose head just arrived must be refused; makes room if it can."""
         if self._cap is None:
             return False
         if len(self.tasks) >= self._cap:
             return True
-        return len(self.connections) > self._cap and len(self._live_connections()) > self._cap
+        if len(self.connections) <= self._cap:
+            return False
+        self._make_room(min_idle_s=0.0)
+        return len(self._live_connections()) > self._cap
 
     def _refusal(self) -> ASGI3Application:
         log.warning("connection cap reached (%s): answering 503", self._cap)
