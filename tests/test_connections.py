@@ -10,10 +10,11 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import ServerProcess, create_model, pt_bytes, trained_state_dict, upload
 
@@ -24,9 +25,15 @@ SLACK_S = 6.0
 ENV = {"BNSERVE_MAX_CONNECTIONS": str(CAP), "BNSERVE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)}
 
 
-def start(spawn: Any) -> ServerProcess:
-    server: ServerProcess = spawn(**ENV)
-    return server
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for the module (starting one is most of each test's time); it serves model `m`."""
+    proc = ServerProcess(tmp_path_factory.mktemp("connections") / "data", ENV).start()
+    try:
+        serve_model(proc)
+        yield proc
+    finally:
+        proc.stop()
 
 
 def connect(server: ServerProcess) -> socket.socket:
@@ -125,34 +132,28 @@ def serve_model(server: ServerProcess) -> None:
         first_success(lambda: client.post("/v1/models/m/predict", json={"inputs": [0, 1]}), 30)
 
 
-def test_silent_connections_are_closed_within_the_header_timeout(spawn):
-    server = start(spawn)
+def test_silent_connections_are_closed_within_the_header_timeout(server):
     with connect(server) as sock:
         assert seconds_until_closed(sock) < HEADER_TIMEOUT_S + SLACK_S
 
 
-def test_a_head_sent_a_byte_at_a_time_is_closed_within_the_header_timeout(spawn):
-    server = start(spawn)
+def test_a_head_sent_a_byte_at_a_time_is_closed_within_the_header_timeout(server):
     head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Pad: " + b"a" * 500
     with connect(server) as sock:
         assert seconds_until_closed(sock, drip=head) < HEADER_TIMEOUT_S + SLACK_S
 
 
-def test_a_keep_alive_connection_that_stalls_mid_head_is_closed(spawn):
-    server = start(spawn)
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    conn.request("GET", "/healthz")
-    assert conn.getresponse().read()
-    assert conn.sock is not None
-    # The next request begins and stops halfway through its head.
-    conn.sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-    assert seconds_until_closed(conn.sock) < HEADER_TIMEOUT_S + SLACK_S
-    conn.close()
+def test_a_keep_alive_connection_that_stalls_mid_head_is_closed(server):
+    with closing(http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)) as conn:
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read()
+        assert conn.sock is not None
+        # The next request begins and stops halfway through its head.
+        conn.sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        assert seconds_until_closed(conn.sock) < HEADER_TIMEOUT_S + SLACK_S
 
 
-def test_a_renewed_flood_of_idle_connections_does_not_keep_clients_out(spawn):
-    server = start(spawn)
-    serve_model(server)
+def test_a_renewed_flood_of_idle_connections_does_not_keep_clients_out(server):
     bound = HEADER_TIMEOUT_S + SLACK_S
     with idle_flood(server, 2 * CAP):
         time.sleep(0.5)  # every slot is held by the flood before the clients come
@@ -170,9 +171,7 @@ def test_a_renewed_flood_of_idle_connections_does_not_keep_clients_out(spawn):
                 assert took < bound
 
 
-def test_requests_beyond_the_cap_get_the_json_503_with_retry_after(spawn):
-    server = start(spawn)
-    serve_model(server)
+def test_requests_beyond_the_cap_get_the_json_503_with_retry_after(server):
     # Every slot busy with a request whose body never comes: nothing idle to make room with.
     head = (
         b"POST /v1/models/m/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -196,22 +195,20 @@ def test_requests_beyond_the_cap_get_the_json_503_with_retry_after(spawn):
     assert r.json()
 
 
-def test_a_keep_alive_client_is_unaffected(spawn):
-    server = start(spawn)
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    conn.connect()
-    assert conn.sock is not None
-    local = conn.sock.getsockname()
-    for i in range(200):
-        conn.request("GET", "/healthz")
-        response = conn.getresponse()
-        assert response.status == 200
-        assert response.read()
-        if i == 100:
-            # Idle past the header timeout but within keep-alive: the connection stays.
-            time.sleep(HEADER_TIMEOUT_S + 1)
-    # Pipelined: two heads in one write, two answers in order on the same connection.
-    conn.sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n" * 2)
-    assert read_statuses(conn.sock, 2) == [200, 200]
-    assert conn.sock.getsockname() == local
-    conn.close()
+def test_a_keep_alive_client_is_unaffected(server):
+    with closing(http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)) as conn:
+        conn.connect()
+        assert conn.sock is not None
+        local = conn.sock.getsockname()
+        for i in range(200):
+            conn.request("GET", "/healthz")
+            response = conn.getresponse()
+            assert response.status == 200
+            assert response.read()
+            if i == 100:
+                # Idle past the header timeout but within keep-alive: the connection stays.
+                time.sleep(HEADER_TIMEOUT_S + 1)
+        # Pipelined: two heads in one write, two answers in order on the same connection.
+        conn.sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n" * 2)
+        assert read_statuses(conn.sock, 2) == [200, 200]
+        assert conn.sock.getsockname() == local
