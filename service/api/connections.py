@@ -220,8 +220,3 @@ else:
             self._response_done(not self.cycle.response_complete)
 
     GuardedHttpToolsProtocol = _GuardedHttpTools
-
-
-def guarded_protocol() -> type[asyncio.Protocol]:
-    """The fastest HTTP protocol available here, with the bounds."""
-    return GuardedHttpToolsProtocol or GuardedH11Protocol

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
-from service.api.connections import guarded_protocol
-from service.settings import Settings
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 # Seconds a stopping server waits for requests in flight before it closes their connections.
 GRACEFUL_SHUTDOWN_S = 10
+# How long uvicorn's parent waits for a `--workers` child to answer its health check before it
+# kills and restarts it. uvicorn's 5 s killed children still starting up on a loaded 2-core
+# machine (load average 18: "Child process [...] died", again and again, 86 s to ready).
+WORKER_HEALTHCHECK_S = 30
 
 
 class ServerConfig(uvicorn.Config):
@@ -28,6 +32,20 @@ class ServerConfig(uvicorn.Config):
     def __init__(self, app: Any, *, header_timeout_s: float, **options: Any) -> None:
         super().__init__(app, **options)
         self.header_timeout_s = header_timeout_s
+
+
+def http_protocol() -> str:
+    """uvicorn's import string for the guarded protocol on the fastest parser available here.
+
+    A string, not the class: uvicorn pickles this Config to each `--workers` child, and a child
+    that spends its first seconds importing before it answers uvicorn's health check is killed.
+    This module stays light to import for the same reason.
+    """
+    try:
+        import httptools  # noqa: F401
+    except ImportError:  # pragma: no cover - httptools is a dependency; h11 is uvicorn's own
+        return "service.api.connections:GuardedH11Protocol"
+    return "service.api.connections:GuardedHttpToolsProtocol"
 
 
 def event_loop() -> str:
@@ -47,11 +65,12 @@ def server_config(
         "port": settings.PORT,
         "log_level": settings.LOG_LEVEL,
         "loop": event_loop(),
-        "http": guarded_protocol(),
+        "http": http_protocol(),
         "access_log": settings.ACCESS_LOG,
         "limit_concurrency": settings.MAX_CONNECTIONS,
         "timeout_keep_alive": settings.KEEP_ALIVE_S,
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+        "timeout_worker_healthcheck": WORKER_HEALTHCHECK_S,
         **overrides,
     }
     return ServerConfig(app, header_timeout_s=settings.HEADER_TIMEOUT_S, **options)
