@@ -1,5 +1,8 @@
-"""Connection bounds through a real `python -m service` process: idle and slow sockets cannot deny
-service, the over-cap answer is the contract's JSON, and ordinary keep-alive clients are untouched.
+"""Connection bounds: idle and slow sockets cannot deny service, the over-cap answer is the
+contract's JSON, and ordinary keep-alive clients are untouched.
+
+Each test runs against a real `python -m service` process (the httptools protocol) and against
+an in-process server on the h11 protocol, the fallback where httptools cannot be imported.
 """
 
 from __future__ import annotations
@@ -16,7 +19,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess, create_model, pt_bytes, trained_state_dict, upload
+from tests.conftest import (
+    ServerProcess,
+    ThreadServer,
+    create_model,
+    make_settings,
+    pt_bytes,
+    trained_state_dict,
+    upload,
+)
 
 CAP = 8
 HEADER_TIMEOUT_S = 1.0
@@ -25,18 +36,29 @@ SLACK_S = 6.0
 ENV = {"BNSERVE_MAX_CONNECTIONS": str(CAP), "BNSERVE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One server for the module (starting one is most of each test's time); it serves model `m`."""
-    proc = ServerProcess(tmp_path_factory.mktemp("connections") / "data", ENV).start()
+Server = ServerProcess | ThreadServer
+
+
+@pytest.fixture(scope="module", params=["process", "h11"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """One server per module and protocol (starting one is most of a test's time), serving `m`."""
+    data_dir = tmp_path_factory.mktemp("connections") / "data"
+    srv: Server
+    if request.param == "process":
+        srv = ServerProcess(data_dir, ENV).start()
+    else:
+        settings = make_settings(data_dir, MAX_CONNECTIONS=CAP, HEADER_TIMEOUT_S=HEADER_TIMEOUT_S)
+        srv = ThreadServer(settings, http="service.api.connections:GuardedH11Protocol").start()
     try:
-        serve_model(proc)
-        yield proc
+        serve_model(srv)
+        yield srv
     finally:
-        proc.stop()
+        srv.stop()
 
 
-def connect(server: ServerProcess) -> socket.socket:
+def connect(server: Server) -> socket.socket:
     return socket.create_connection(("127.0.0.1", server.port), timeout=30)
 
 
@@ -69,7 +91,7 @@ def seconds_until_closed(sock: socket.socket, drip: bytes = b"", limit: float = 
 
 
 @contextmanager
-def idle_flood(server: ServerProcess, count: int) -> Iterator[list[socket.socket]]:
+def idle_flood(server: Server, count: int) -> Iterator[list[socket.socket]]:
     """`count` connections that send nothing, each reopened as soon as the server closes it."""
     sockets = [connect(server) for _ in range(count)]
     stop = threading.Event()
@@ -125,7 +147,7 @@ def first_success(call: Any, bound: float) -> tuple[httpx.Response, float]:
     raise AssertionError(f"no success within {bound} s; last answer: {last and last.text}")
 
 
-def serve_model(server: ServerProcess) -> None:
+def serve_model(server: Server) -> None:
     with httpx.Client(base_url=server.url, timeout=60) as client:
         create_model(client, "m", "mlp_bn")
         assert upload(client, "m", pt_bytes(trained_state_dict("mlp_bn"))).status_code == 201
