@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
-import uvicorn
-
+from service.api.server import serve, server_config
 from service.app import configure_logging, create_app
 from service.db.engine import make_engine, make_sessionmaker, migrate
 from service.jobs import JobQueue
@@ -17,15 +15,8 @@ from service.worker.supervisor import supervised_workers
 def main() -> None:
     settings = Settings()
     configure_logging(settings)
-    common: dict[str, Any] = {
-        "host": settings.HOST,
-        "port": settings.PORT,
-        "log_level": settings.LOG_LEVEL,
-        "timeout_graceful_shutdown": 10,
-        "limit_concurrency": settings.MAX_CONNECTIONS,
-    }
     if settings.API_WORKERS == 1:
-        uvicorn.run(create_app(settings), **common)
+        serve(server_config(settings, create_app(settings)))
         return
     # Several API processes: each builds its app from the environment and follows the database
     # like a replica; training workers are started once, by this parent, not by each of them.
@@ -34,11 +25,10 @@ def main() -> None:
     migrate(engine, settings.DATA_DIR)
     os.environ["BNSERVE_WORKERS"] = "0"
     with supervised_workers(settings, JobQueue(make_sessionmaker(engine))):
-        uvicorn.run(
-            "service.app:create_app",
-            factory=True,
-            workers=settings.API_WORKERS,
-            **common,
+        serve(
+            server_config(
+                settings, "service.app:create_app", factory=True, workers=settings.API_WORKERS
+            )
         )
     engine.dispose()
 

@@ -30,8 +30,16 @@ class Settings(BaseSettings):
     WORKERS: int = Field(1, ge=0, le=64)
     # API processes (uvicorn workers) on this host; each follows the database like a replica.
     API_WORKERS: int = Field(1, ge=1, le=64)
-    # Connections beyond this get 503 before their bodies are read (uvicorn limit_concurrency).
+    # Open connections per API process; beyond it the longest-waiting idle one is closed, or if
+    # none is idle the new request gets a JSON 503 before its body is read.
     MAX_CONNECTIONS: int = Field(1024, ge=1)
+    # A connection that has not sent a whole request head this long after it opened (or after the
+    # first bytes of its next request) is closed: idle and byte-a-time sockets cannot hold slots.
+    HEADER_TIMEOUT_S: float = Field(5.0, gt=0, le=300)
+    # An idle keep-alive connection between two requests is closed after this (uvicorn's own timer).
+    KEEP_ALIVE_S: int = Field(5, ge=1, le=300)
+    # One log line per request; off by default because it is on the hot path of every prediction.
+    ACCESS_LOG: bool = False
     MAX_UPLOAD_BYTES: int = Field(1 << 30, gt=0)
     # Python modules imported at start that register extra architectures (comma-separated).
     ARCHITECTURE_PLUGINS: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -27,6 +27,7 @@ import torch
 import uvicorn
 
 from models import get_architecture
+from service.api.server import server_config
 from service.app import create_app
 from service.settings import Settings
 
@@ -67,12 +68,19 @@ def settings(tmp_path: Path) -> Settings:
 class ThreadServer:
     """uvicorn serving `create_app(settings)` from a thread, on a free loopback port."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, **options: Any) -> None:
         self.settings = settings
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning"
+        # The same configuration as `python -m service` (protocol, loop, limits, timeouts);
+        # `options` override uvicorn's.
+        config = server_config(
+            settings,
+            create_app(settings),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            **options,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)

@@ -1,0 +1,90 @@
+"""The one place that turns Settings into a uvicorn server, for `python -m service` and the tests.
+
+uvloop and httptools are uvicorn's fast paths (its C event loop and C HTTP parser); the pure-Python
+asyncio loop and h11 parser are used only where those cannot be imported. Either way the HTTP
+protocol is the guarded one of `service.api.connections` (head timeout, idle eviction, JSON 503).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+# Seconds a stopping server waits for requests in flight before it closes their connections.
+GRACEFUL_SHUTDOWN_S = 10
+# How long uvicorn's parent waits for a `--workers` child to answer its health check before it
+# kills and restarts it. uvicorn's 5 s killed children still starting up on a loaded 2-core
+# machine (load average 18: "Child process [...] died", again and again, 86 s to ready).
+WORKER_HEALTHCHECK_S = 30
+
+
+class ServerConfig(uvicorn.Config):
+    """uvicorn's Config plus the request-head timeout that our protocol reads from it."""
+
+    def __init__(self, app: Any, *, header_timeout_s: float, **options: Any) -> None:
+        super().__init__(app, **options)
+        self.header_timeout_s = header_timeout_s
+
+
+def http_protocol() -> str:
+    """uvicorn's import string for the guarded protocol on the fastest parser available here.
+
+    A string, not the class: uvicorn pickles this Config to each `--workers` child, and a child
+    that spends its first seconds importing before it answers uvicorn's health check is killed.
+    This module stays light to import for the same reason.
+    """
+    try:
+        import httptools  # noqa: F401
+    except ImportError:  # pragma: no cover - httptools is a dependency; h11 is uvicorn's own
+        return "service.api.connections:GuardedH11Protocol"
+    return "service.api.connections:GuardedHttpToolsProtocol"
+
+
+def event_loop() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        return "asyncio"
+    return "uvloop"
+
+
+def server_config(
+    settings: Settings, app: Callable[..., Any] | str, **overrides: Any
+) -> ServerConfig:
+    """The server for `app` (an ASGI app, or an import string with `factory=True`) as configured."""
+    options: dict[str, Any] = {
+        "host": settings.HOST,
+        "port": settings.PORT,
+        "log_level": settings.LOG_LEVEL,
+        "loop": event_loop(),
+        "http": http_protocol(),
+        "access_log": settings.ACCESS_LOG,
+        "limit_concurrency": settings.MAX_CONNECTIONS,
+        "timeout_keep_alive": settings.KEEP_ALIVE_S,
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+        "timeout_worker_healthcheck": WORKER_HEALTHCHECK_S,
+        **overrides,
+    }
+    return ServerConfig(app, header_timeout_s=settings.HEADER_TIMEOUT_S, **options)
+
+
+def serve(config: ServerConfig) -> None:
+    """Run the server until it is stopped (what `uvicorn.run` does, for a Config built here)."""
+    server = uvicorn.Server(config)
+    try:
+        if config.workers > 1:
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
+        else:
+            server.run()
+    except KeyboardInterrupt:
+        pass
+    if config.workers == 1 and not server.started:
+        sys.exit(STARTUP_FAILURE)
