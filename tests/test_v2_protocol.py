@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +33,7 @@ from tests.helpers_api import (
     samples,
     serve,
 )
+from tests.helpers_serving import hold_forwards, marked
 
 CASES = [
     *arch_cases({"mnist_cnn"}),
@@ -264,13 +266,20 @@ def test_pinned_version_through_versioned_paths(client, tc):
 
 
 def test_concurrent_infers_are_batched_and_stay_per_sample_correct(tmp_path):
+    """Infers that arrive while a pass runs share the next one (a first, marked infer is held
+    in its forward pass so that the others surely queue behind it)."""
     n_requests = 32
-    with running(tmp_path / "data", MAX_BATCH_WAIT_MS=20) as (srv, client):
+    with running(tmp_path / "data") as (srv, client), hold_forwards() as hold:
         state_dict = serve(client, "m", "mlp_bn")
         batches = [samples((2,), 1 + i % 3, seed=200 + i) for i in range(n_requests)]
         passes_before, samples_before = batch_size_histogram(client, "m")
-        tc = triton_client(srv, concurrency=n_requests)
+        batcher = srv.app_services.manager._serving["m"].batcher
+        tc = triton_client(srv, concurrency=n_requests + 1)
         try:
+            held = tc.async_infer(
+                "m", [infer_input(marked(torch.zeros(1, 2)).numpy(), binary=True)]
+            )
+            assert hold.entered.wait(10)
             pending = [
                 tc.async_infer(
                     "m",
@@ -280,11 +289,16 @@ def test_concurrent_infers_are_batched_and_stay_per_sample_correct(tmp_path):
                 )
                 for i, b in enumerate(batches)
             ]
+            deadline = time.monotonic() + 20
+            while batcher.in_flight < n_requests + 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            hold.release()
+            held.get_result()
             results = [p.get_result() for p in pending]
         finally:
             tc.close()
         passes_after, samples_after = batch_size_histogram(client, "m")
-    assert samples_after - samples_before == sum(len(b) for b in batches)
+    assert samples_after - samples_before == 1 + sum(len(b) for b in batches)
     assert passes_after - passes_before < n_requests, (passes_after - passes_before, n_requests)
     for i, (result, x) in enumerate(zip(results, batches, strict=True)):
         assert result.get_response()["id"] == str(i)

@@ -34,6 +34,52 @@ DEFAULT_HEADER_TIMEOUT_S = 5.0
 EVICTION_GRACE_S = 0.25
 
 
+class CoalescingTransport:
+    """A transport whose writes within one event-loop iteration leave as one `send()`.
+
+    uvicorn writes a response's head and its body with a `transport.write` each, and uvloop sends
+    each at once: two syscalls per response, each also waking the reader on loopback. In a
+    py-spy profile of `mlp_bn` under 64 keep-alive clients the head's write alone was 22% of the
+    event loop's time per prediction (issue #8). Holding the writes until the end of the current
+    iteration (`call_soon`) sends head and body together, in order, a few microseconds later.
+    """
+
+    __slots__ = ("_chunks", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._chunks: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._chunks:
+            self._loop.call_soon(self.flush)
+        self._chunks.append(data if isinstance(data, bytes) else bytes(data))
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if not self._chunks:
+            return
+        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks = []
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class _ConnectionGuard:
     """The bounds, mixed into a uvicorn HTTP protocol class (which sets these attributes)."""
 
@@ -57,6 +103,7 @@ class _ConnectionGuard:
         self._waiting_since: float | None = None
 
     def _connected(self) -> None:
+        self.transport = CoalescingTransport(self.transport, self.loop)  # type: ignore[assignment]
         self._waiting_since = self.loop.time()
         self._arm_head_timer()
         if self._cap is not None and len(self.connections) > self._cap:
