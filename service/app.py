@@ -14,6 +14,7 @@ from service.api.auth import load_or_create_token
 from service.api.deps import Services
 from service.api.errors import install_error_handlers
 from service.api.limits import BodyLimitMiddleware
+from service.api.openapi import install_openapi
 from service.api.routes import architectures, datasets, health, jobs, models, predict, versions
 from service.checkpoints.store import CheckpointStore
 from service.datasets.store import DatasetStore
@@ -112,6 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.add_middleware(BodyLimitMiddleware, limit=settings.MAX_UPLOAD_BYTES)
     install_error_handlers(app)
+    install_openapi(app, settings)
     for module in (health, architectures, models, versions, predict, datasets, jobs):
         app.include_router(module.router)
     return app

@@ -10,6 +10,7 @@ import torch
 from fastapi import APIRouter, Query, Response
 
 from service.api.deps import ReadAuth, ServicesDep
+from service.api.openapi import errors
 from service.api.schemas import PredictRequest, PredictResponse
 from service.errors import BNServeError, Overloaded
 from service.serving.inputs import parse_inputs
@@ -30,7 +31,7 @@ def _format(loaded: LoadedModel, out: torch.Tensor) -> PredictResponse:
     return response
 
 
-@router.post("/predict")
+@router.post("/predict", responses=errors(404, 409, 422, 503))
 async def predict(
     name: str,
     body: PredictRequest,
