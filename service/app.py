@@ -15,6 +15,7 @@ from service.api.deps import Services
 from service.api.errors import install_error_handlers
 from service.api.fastpath import PredictFastPath
 from service.api.limits import BodyLimitMiddleware
+from service.api.openapi import install_openapi
 from service.api.routes import architectures, datasets, health, jobs, models, predict, v2, versions
 from service.checkpoints.store import CheckpointStore
 from service.datasets.store import DatasetStore
@@ -119,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(PredictFastPath)
     app.add_middleware(BodyLimitMiddleware, limit=settings.MAX_UPLOAD_BYTES)
     install_error_handlers(app)
+    install_openapi(app, settings)
     for module in (health, architectures, models, versions, predict, v2, datasets, jobs):
         app.include_router(module.router)
     return app

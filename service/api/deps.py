@@ -8,6 +8,7 @@ from typing import Annotated
 
 import torch
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.auth import check_bearer
 from service.datasets.store import DatasetStore
@@ -51,12 +52,34 @@ async def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-async def require_token(request: Request, services: ServicesDep) -> None:
+# These only make FastAPI document the bearer scheme on each operation that depends on them (the
+# Authorize button of /docs); `check_bearer` does the checking, with the contract's 401 body.
+# `service.api.openapi` keeps the read scheme only when BNSERVE_PROTECT_READS is on.
+BEARER_SCHEME = "bearerAuth"
+READ_BEARER_SCHEME = "bearerAuthForReads"
+_write_bearer = HTTPBearer(
+    scheme_name=BEARER_SCHEME,
+    description="BNSERVE_API_TOKEN, or the file api-token in the data dir",
+    auto_error=False,
+)
+_read_bearer = HTTPBearer(scheme_name=READ_BEARER_SCHEME, auto_error=False)
+Credentials = HTTPAuthorizationCredentials | None
+
+
+async def require_token(
+    request: Request,
+    services: ServicesDep,
+    _: Annotated[Credentials, Depends(_write_bearer)],
+) -> None:
     """State-changing requests always need the bearer token."""
     check_bearer(request, services.token)
 
 
-async def require_read_token(request: Request, services: ServicesDep) -> None:
+async def require_read_token(
+    request: Request,
+    services: ServicesDep,
+    _: Annotated[Credentials, Depends(_read_bearer)],
+) -> None:
     """Reads and predictions need it only with BNSERVE_PROTECT_READS=true."""
     if services.settings.PROTECT_READS:
         check_bearer(request, services.token)

@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.openapi import allowed_methods
 from service.errors import BNServeError, Overloaded
 
 log = logging.getLogger(__name__)
@@ -81,12 +82,11 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405 and (allowed := allowed_methods(request.app, request.url.path)):
+        headers["Allow"] = ", ".join(allowed)
     return error_response(
-        exc.status_code,
-        str(exc.detail),
-        code,
-        dict(exc.headers or {}),
-        for_path=request.url.path,
+        exc.status_code, str(exc.detail), code, headers, for_path=request.url.path
     )
 
 

@@ -8,11 +8,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.db.tables import DatasetRow, JobRow, ModelRow, VersionRow
+from service.registry import NAME_PATTERN
 
 
 class ErrorBody(BaseModel):
-    detail: str
-    code: str
+    """Every error answer; some carry more fields (`errors`, `limit`, ...) beside these two."""
+
+    model_config = ConfigDict(extra="allow")
+
+    detail: str = Field(description="what is wrong, and what to do about it")
+    code: str = Field(description="a stable snake_case name of the problem", examples=["not_found"])
 
 
 class Health(BaseModel):
@@ -50,7 +55,8 @@ class ServingOptions(BaseModel):
 class ModelCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(examples=["digits"])
+    # Documented, not enforced here: the registry refuses other names with `invalid_name`.
+    name: str = Field(examples=["digits"], json_schema_extra={"pattern": NAME_PATTERN.pattern})
     architecture: str = Field(examples=["mnist_cnn"])
     config: dict[str, Any] = Field(default_factory=dict)
     serving: ServingOptions = Field(default_factory=ServingOptions)
@@ -158,7 +164,8 @@ class DatasetPublic(BaseModel):
 class JobCreate(BaseModel):
     """A training job (`kind: train`) or a BN recalibration (`kind: recalibrate_bn`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: `true` is not a momentum of 1.0, nor "10" ten epochs (JSON has numbers for that).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     dataset: str

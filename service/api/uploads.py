@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +32,15 @@ class ReceivedFile:
         return value if isinstance(value, str) else None
 
 
-def upload_form(**fields: dict[str, Any]) -> dict[str, Any]:
-    """OpenAPI for a multipart body with a required `file` and optional text fields."""
+def upload_form(fields: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """OpenAPI for a multipart body: a required `file`, optional text `fields` and no others."""
     properties = {"file": {"type": "string", "format": "binary"}, **fields}
-    schema = {"type": "object", "required": ["file"], "properties": properties}
+    schema = {
+        "type": "object",
+        "required": ["file"],
+        "properties": properties,
+        "additionalProperties": False,
+    }
     return {
         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
     }
@@ -48,14 +53,26 @@ def _copy(source: IO[bytes], target: Path) -> None:
 
 @asynccontextmanager
 async def received_file(
-    request: Request, services: Services, *, expected: str
+    request: Request, services: Services, *, expected: str, fields: Iterable[str] = ()
 ) -> AsyncIterator[ReceivedFile]:
-    """The form's `file` in a temp file (removed afterwards); `expected` says what it should be."""
+    """The form's `file` in a temp file (removed afterwards); `expected` says what it should be.
+
+    Text fields other than `fields` are refused, as unknown keys of JSON bodies are: a misspelt
+    `promote` must not be ignored.
+    """
     async with request.form(max_files=1, max_fields=8) as form:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise InvalidInput(
                 f"multipart form field 'file' is required: {expected}", code="missing_file"
+            )
+        allowed = ["file", *fields]
+        unknown = sorted({key for key in form if key not in allowed})
+        if unknown:
+            names = ", ".join(repr(key[:64]) for key in unknown[:5])
+            raise InvalidInput(
+                f"unknown form fields {names}: this form takes {', '.join(allowed)}",
+                code="unknown_field",
             )
         folder = services.settings.upload_dir
         folder.mkdir(parents=True, exist_ok=True)

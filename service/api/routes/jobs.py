@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from models import get_architecture
 from service.api.deps import ReadAuth, Services, ServicesDep, WriteAuth
+from service.api.openapi import errors
 from service.api.schemas import JobCreate, JobPublic
 from service.datasets.reader import check_dataset_for_model
 from service.db.tables import JobRow
@@ -100,7 +101,7 @@ def _create(services: Services, body: JobCreate) -> JobRow:
     )
 
 
-@router.post("", status_code=202, dependencies=[WriteAuth])
+@router.post("", status_code=202, dependencies=[WriteAuth], responses=errors(404, 409, 422))
 async def create_job(body: JobCreate, services: ServicesDep) -> JobPublic:
     return JobPublic.of(await asyncio.to_thread(_create, services, body))
 
@@ -117,12 +118,14 @@ async def list_jobs(
     return [JobPublic.of(r) for r in rows]
 
 
-@router.get("/{job_id}", dependencies=[ReadAuth])
+@router.get("/{job_id}", dependencies=[ReadAuth], responses=errors(404))
 async def get_job(job_id: str, services: ServicesDep) -> JobPublic:
     return JobPublic.of(await asyncio.to_thread(services.jobs.get, job_id))
 
 
-@router.post("/{job_id}/cancel", status_code=202, dependencies=[WriteAuth])
+@router.post(
+    "/{job_id}/cancel", status_code=202, dependencies=[WriteAuth], responses=errors(404, 409)
+)
 async def cancel_job(job_id: str, services: ServicesDep) -> JobPublic:
     """A queued job ends `cancelled` at once; a running one stops within a training step."""
     return JobPublic.of(await asyncio.to_thread(services.jobs.cancel, job_id))

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Response
 
 from models import get_architecture
 from service.api.deps import ReadAuth, ServicesDep, WriteAuth
+from service.api.openapi import errors
 from service.api.schemas import ModelCreate, ModelPublic
 from service.db.tables import ModelRow
 
@@ -20,7 +21,7 @@ def model_public(row: ModelRow) -> ModelPublic:
     return ModelPublic.of(row, tuple(config.input_shape()), config.task, config.labels())
 
 
-@router.post("", status_code=201, dependencies=[WriteAuth])
+@router.post("", status_code=201, dependencies=[WriteAuth], responses=errors(409, 422))
 async def create_model(body: ModelCreate, services: ServicesDep) -> ModelPublic:
     serving = body.serving.model_dump(exclude_none=True) or None
     row = await asyncio.to_thread(
@@ -35,12 +36,12 @@ async def list_models(services: ServicesDep) -> list[ModelPublic]:
     return [model_public(row) for row in rows]
 
 
-@router.get("/{name}", dependencies=[ReadAuth])
+@router.get("/{name}", dependencies=[ReadAuth], responses=errors(404))
 async def get_model(name: str, services: ServicesDep) -> ModelPublic:
     return model_public(await asyncio.to_thread(services.registry.get_model, name))
 
 
-@router.delete("/{name}", status_code=204, dependencies=[WriteAuth])
+@router.delete("/{name}", status_code=204, dependencies=[WriteAuth], responses=errors(404))
 async def delete_model(name: str, services: ServicesDep) -> Response:
     async with services.upload_lock(name):
         await asyncio.to_thread(services.registry.delete_model, name)

@@ -19,6 +19,7 @@ import torch
 from fastapi import APIRouter, Query, Request, Response
 
 from service.api.deps import ReadAuth, Services, ServicesDep
+from service.api.openapi import errors
 from service.api.schemas import PredictRequest, PredictResponse
 from service.errors import (
     BNServeError,
@@ -159,7 +160,10 @@ def encode_answer(loaded: LoadedModel, out: torch.Tensor) -> bytes:
     "/predict",
     response_model=PredictResponse,
     openapi_extra=_BODY_DOC,
-    responses={200: {"headers": {"X-Model-Version": {"schema": {"type": "integer"}}}}},
+    responses={
+        200: {"headers": {"X-Model-Version": {"schema": {"type": "integer"}}}},
+        **errors(404, 409, 415, 422, 503),
+    },
 )
 async def predict(
     name: str,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi import Path as PathParam
 
 from service.api.deps import ReadAuth, ServicesDep, WriteAuth
+from service.api.openapi import errors
 from service.api.schemas import PromoteResult, VersionPublic
 from service.api.uploads import received_file, upload_form
 from service.errors import BNServeError, InvalidInput
@@ -16,6 +17,11 @@ from service.publishing import prepare_upload, publish
 
 router = APIRouter(prefix="/v1/models/{name}/versions", tags=["versions"])
 
+# The upload form's text fields beside `file`, as documented and as accepted.
+FORM: dict[str, dict[str, Any]] = {
+    "promote": {"type": "boolean", "default": True},
+    "note": {"type": "string"},
+}
 VersionNumber = Annotated[int, PathParam(ge=1)]
 
 
@@ -34,9 +40,8 @@ def _parse_bool(value: str | None, field: str, default: bool) -> bool:
     "",
     status_code=201,
     dependencies=[WriteAuth],
-    openapi_extra=upload_form(
-        promote={"type": "boolean", "default": True}, note={"type": "string"}
-    ),
+    responses=errors(400, 404, 422),
+    openapi_extra=upload_form(FORM),
 )
 async def upload_version(name: str, request: Request, services: ServicesDep) -> VersionPublic:
     """Check a state_dict upload, store it as the next version and (by default) serve it."""
@@ -48,7 +53,7 @@ async def upload_version(name: str, request: Request, services: ServicesDep) -> 
     )
     outcome = "error"
     try:
-        async with received_file(request, services, expected=expected) as received:
+        async with received_file(request, services, expected=expected, fields=FORM) as received:
             promote = _parse_bool(received.text("promote"), "promote", default=True)
             async with services.upload_lock(name):
                 prepared = await asyncio.to_thread(
@@ -72,13 +77,13 @@ async def upload_version(name: str, request: Request, services: ServicesDep) -> 
     return VersionPublic.of(row, serving)
 
 
-@router.get("", dependencies=[ReadAuth])
+@router.get("", dependencies=[ReadAuth], responses=errors(404))
 async def list_versions(name: str, services: ServicesDep) -> list[VersionPublic]:
     model = await asyncio.to_thread(services.registry.get_model, name)
     return [VersionPublic.of(v, model.serving_version) for v in model.versions]
 
 
-@router.get("/{version}", dependencies=[ReadAuth])
+@router.get("/{version}", dependencies=[ReadAuth], responses=errors(404))
 async def get_version(name: str, version: VersionNumber, services: ServicesDep) -> VersionPublic:
     model = await asyncio.to_thread(services.registry.get_model, name)
     row = await asyncio.to_thread(services.registry.get_version, name, version)
@@ -89,7 +94,7 @@ async def get_version(name: str, version: VersionNumber, services: ServicesDep) 
     "/{version}/weights",
     dependencies=[ReadAuth],
     response_class=Response,
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    responses={200: {"content": {"application/octet-stream": {}}}, **errors(404, 500)},
 )
 async def get_weights(name: str, version: VersionNumber, services: ServicesDep) -> Response:
     """The stored tensors as safetensors bytes, verified against the recorded sha256."""
@@ -104,7 +109,7 @@ async def get_weights(name: str, version: VersionNumber, services: ServicesDep) 
     )
 
 
-@router.post("/{version}/promote", dependencies=[WriteAuth])
+@router.post("/{version}/promote", dependencies=[WriteAuth], responses=errors(404, 422, 500))
 async def promote_version(
     name: str, version: VersionNumber, services: ServicesDep
 ) -> PromoteResult:

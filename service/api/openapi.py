@@ -1,0 +1,100 @@
+"""What the OpenAPI document says beyond FastAPI's defaults, so that it tells the truth.
+
+Routes name the error statuses they can answer with `responses=errors(...)`. `install_openapi`
+adds what follows from the app as a whole: the bearer scheme (the Authorize button of `/docs`)
+with `security` and a 401 on exactly the operations that check the token (FastAPI marks those
+whose dependencies declare it; reads keep the mark only with BNSERVE_PROTECT_READS); a 400 and a
+413 on every operation with a body (any body can be undecodable or over the limit); and the
+contract's error body in place of FastAPI's `HTTPValidationError` for 422.
+`tests/test_fuzz_openapi.py` holds every response of a real server to this document.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.routing import compile_path
+
+from service.api.deps import BEARER_SCHEME, READ_BEARER_SCHEME
+from service.api.schemas import ErrorBody
+from service.settings import Settings
+
+_MEANINGS = {
+    400: "Malformed body, or an uploaded file refused as unsafe",
+    401: "Missing or wrong bearer token",
+    404: "No such model, version, dataset or job",
+    409: "Conflicts with the current state (exists already, nothing serving, job finished)",
+    413: "Request body larger than the limit",
+    415: "Content-Type not accepted here",
+    422: "Invalid input: the body names every problem (`errors` for field-level ones)",
+    500: "A stored file failed its integrity check",
+    503: "Overloaded: retry after the `Retry-After` header's seconds",
+    507: "The data dir's disk is full; nothing partial was kept",
+}
+_ERROR_REF = f"#/components/schemas/{ErrorBody.__name__}"
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route: each status answered with the contract's error body."""
+    return {status: {"model": ErrorBody, "description": _MEANINGS[status]} for status in statuses}
+
+
+def _error_response(status: int) -> dict[str, Any]:
+    content = {"application/json": {"schema": {"$ref": _ERROR_REF}}}
+    return {"description": _MEANINGS[status], "content": content}
+
+
+def _complete(schema: dict[str, Any], settings: Settings) -> None:
+    components = schema.setdefault("components", {})
+    schemes = components.setdefault("securitySchemes", {})
+    schemes.pop(READ_BEARER_SCHEME, None)
+    schemas = components.setdefault("schemas", {})
+    schemas.setdefault(
+        ErrorBody.__name__, ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+    )
+    guarded = {BEARER_SCHEME, READ_BEARER_SCHEME} if settings.PROTECT_READS else {BEARER_SCHEME}
+    for path_item in schema.get("paths", {}).values():
+        for operation in path_item.values():
+            responses = operation.setdefault("responses", {})
+            if any(guarded & requirement.keys() for requirement in operation.pop("security", [])):
+                operation["security"] = [{BEARER_SCHEME: []}]
+                responses["401"] = _error_response(401)
+            if "requestBody" in operation:
+                # Any body can be undecodable (FastAPI answers 400) or over the limit.
+                responses.setdefault("400", _error_response(400))
+                responses.setdefault("413", _error_response(413))
+            if "HTTPValidationError" in json.dumps(responses.get("422", {})):
+                responses["422"] = _error_response(422)
+    if "#/components/schemas/HTTPValidationError" not in json.dumps(schema):
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
+
+
+def install_openapi(app: FastAPI, settings: Settings) -> None:
+    """Generate the app's document as FastAPI does, then complete it (once per generation)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        cached = app.openapi_schema
+        schema = generate()
+        if schema is not cached:
+            _complete(schema, settings)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method the document lists for a concrete path, for the `Allow` header of a 405.
+
+    Starlette names only the methods of the first route that matched the path, while FastAPI
+    makes one route per method (so `GET /v1/models` answered `Allow: POST`).
+    """
+    methods: set[str] = set()
+    for template, path_item in app.openapi().get("paths", {}).items():
+        regex, _, _ = compile_path(template)
+        if regex.match(path):
+            methods.update(method.upper() for method in path_item)
+    return sorted(methods)

@@ -1,0 +1,162 @@
+"""The served OpenAPI document tells the truth, and the server keeps to it.
+
+Each test here pins down one thing that schemathesis (`test_fuzz_openapi.py`) found wrong: errors
+documented as FastAPI's `HTTPValidationError` or not at all, no bearer scheme, a 405 whose
+`Allow` named one method of several, upload forms and job bodies that took what the document
+says they refuse.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import AUTH, pt_bytes, trained_state_dict
+from tests.helpers_api import assert_error, running, serve, snapshot, stored_files, version_numbers
+from tests.helpers_jobs import blobs, dataset_id, npz_bytes
+
+ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
+WRITES = {
+    ("post", "/v1/models"),
+    ("delete", "/v1/models/{name}"),
+    ("post", "/v1/models/{name}/versions"),
+    ("post", "/v1/models/{name}/versions/{version}/promote"),
+    ("post", "/v1/datasets"),
+    ("post", "/v1/jobs"),
+    ("post", "/v1/jobs/{job_id}/cancel"),
+}
+
+
+def _document(client: httpx.Client) -> dict[str, Any]:
+    r = client.get("/openapi.json")
+    assert r.status_code == 200, r.text
+    document: dict[str, Any] = r.json()
+    return document
+
+
+def _operations(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {
+        (method, path): operation
+        for path, item in document["paths"].items()
+        for method, operation in item.items()
+    }
+
+
+def _error_schema(operation: dict[str, Any], status: str) -> Any:
+    return operation["responses"][status]["content"]["application/json"]["schema"]
+
+
+def test_every_documented_error_is_the_contract_body(client):
+    document = _document(client)
+    assert "HTTPValidationError" not in str(document)
+    body = document["components"]["schemas"]["ErrorBody"]
+    assert set(body["required"]) == {"detail", "code"}
+    assert body["additionalProperties"] is True
+    for key, operation in _operations(document).items():
+        for status in operation["responses"]:
+            if status.startswith(("4", "5")) and key != ("get", "/readyz"):
+                assert _error_schema(operation, status) == ERROR_REF, (key, status)
+
+
+def test_writes_document_the_bearer_scheme_and_401_and_reads_do_not(client):
+    document = _document(client)
+    assert document["components"]["securitySchemes"] == {
+        "bearerAuth": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "BNSERVE_API_TOKEN, or the file api-token in the data dir",
+        }
+    }
+    operations = _operations(document)
+    assert operations.keys() > WRITES
+    for key, operation in operations.items():
+        if key in WRITES:
+            assert operation["security"] == [{"bearerAuth": []}], key
+            assert _error_schema(operation, "401") == ERROR_REF, key
+        else:
+            assert "security" not in operation, key
+            assert "401" not in operation["responses"], key
+
+
+def test_with_protect_reads_every_v1_operation_documents_the_token(tmp_path: Path):
+    with running(tmp_path / "data", PROTECT_READS=True) as (_, client):
+        operations = _operations(_document(client))
+        for (method, path), operation in operations.items():
+            protected = path.startswith("/v1/")
+            assert ("security" in operation) is protected, (method, path)
+            assert ("401" in operation["responses"]) is protected, (method, path)
+        r = client.get("/v1/models")
+        assert_error(r, 401, "unauthorized")
+
+
+def test_bodies_document_400_and_413_and_routes_their_own_errors(client):
+    operations = _operations(_document(client))
+    for key, operation in operations.items():
+        if "requestBody" in operation:
+            assert {"400", "413", "422"} <= operation["responses"].keys(), key
+    predict = operations[("post", "/v1/models/{name}/predict")]["responses"]
+    assert {"404", "409", "422", "503"} <= predict.keys()
+    assert {"404", "409"} <= operations[("post", "/v1/jobs/{job_id}/cancel")]["responses"].keys()
+    metrics = operations[("get", "/metrics")]["responses"]["200"]["content"]
+    assert list(metrics) == ["text/plain"]
+    assert client.get("/metrics").headers["content-type"].startswith("text/plain")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("OPTIONS", "/v1/models", "GET, POST"),
+        ("PUT", "/v1/models/m", "DELETE, GET"),
+        ("DELETE", "/v1/jobs", "GET, POST"),
+        ("GET", "/v1/models/m/versions/1/promote", "POST"),
+    ],
+)
+def test_405_allows_every_method_of_the_path(client, method, path, allowed):
+    r = client.request(method, path, headers=AUTH)
+    assert_error(r, 405, "method_not_allowed")
+    assert r.headers["allow"] == allowed
+
+
+def test_upload_forms_refuse_fields_they_do_not_document(client, server):
+    data_dir = server.settings.DATA_DIR
+    serve(client, "m")
+    before = snapshot(client), stored_files(data_dir)
+    checkpoint = pt_bytes(trained_state_dict("mlp_bn", seed=1))
+    r = client.post(
+        "/v1/models/m/versions",
+        files={"file": ("w.pt", checkpoint)},
+        data={"promte": "false"},
+        headers=AUTH,
+    )
+    body = assert_error(r, 422, "unknown_field")
+    assert "'promte'" in body["detail"], body
+    assert "promote" in body["detail"], body
+    assert (snapshot(client), stored_files(data_dir)) == before
+    assert version_numbers(client, "m") == [1]
+
+    x, y = blobs(20)
+    r = client.post(
+        "/v1/datasets",
+        files={"file": ("d.npz", npz_bytes(x=x, y=y))},
+        data={"nmae": "typo"},
+        headers=AUTH,
+    )
+    assert_error(r, 422, "unknown_field")
+    assert client.get("/v1/datasets").json() == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("momentum", False), ("epochs", "2"), ("lr", "0.1"), ("batch_size", 8.0), ("seed", False)],
+)
+def test_job_fields_take_json_numbers_not_booleans_or_strings(client, field, value):
+    serve(client, "m")
+    x, y = blobs(40)
+    job = {"model": "m", "dataset": dataset_id(client, x, y), "epochs": 1, "lr": 0.1}
+    r = client.post("/v1/jobs", json={**job, field: value}, headers=AUTH)
+    body = assert_error(r, 422, "validation_error")
+    assert body["errors"][0]["field"].startswith(field), body
+    assert client.get("/v1/jobs").json() == []
