@@ -199,15 +199,13 @@ def set_up_bnserve(contender: Contender, models: dict[str, Any]) -> None:
             contender.paths[name] = f"/v1/models/{name}/predict"
 
 
-def check_answers(
-    contender: Contender, models: dict[str, Any], bodies: dict[str, bytes]
-) -> dict[str, float | None]:
+def check_answers(contender: Contender, models: dict[str, Any]) -> dict[str, float | None]:
     """One request per model: it must answer 200 with the reference outputs (max abs diff)."""
     diffs: dict[str, float | None] = {}
     for name, spec in models.items():
         answer = httpx.post(
             contender.server.url + contender.paths[name],
-            content=bodies[name],
+            content=spec["body"].read_bytes(),
             headers={"Content-Type": "application/json"},
             timeout=60,
         )
@@ -294,16 +292,10 @@ def environment(args: argparse.Namespace, hey: str) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace, run_dir: Path, servers: Servers) -> dict[str, Any]:
-    hey = ensure_hey()
-    common_env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    meta = environment(args, hey)
-
+def prepare_models(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """Per model: weights saved once for every contender, the body, its expected outputs, and
+    the limit's loaded module."""
     models: dict[str, Any] = {}
-    bodies: dict[str, bytes] = {}
-    loaded = {}
     for name in args.models:
         architecture, config = MODELS.get(name, (name, {}))
         state = trained_weights(architecture, config)
@@ -311,29 +303,33 @@ def run(args: argparse.Namespace, run_dir: Path, servers: Servers) -> dict[str, 
         torch.save(state, weights)
         shape = tuple(get_architecture(architecture).parse_config(config).input_shape())
         torch.manual_seed(1)
-        sample = torch.rand(1, *shape)
-        # Rounded so the body stays a realistic size; the expected outputs use the same values.
-        inputs = [[round(v, 6) for v in row] for row in sample.flatten(1).tolist()]
-        x = torch.tensor(inputs).reshape(1, *shape)
-        nested = x.tolist()
-        bodies[name] = json.dumps({"inputs": nested}).encode()
-        (run_dir / f"{name}.json").write_bytes(bodies[name])
+        # Six decimals, so the body has a realistic size (about 9 characters a number); float64
+        # values print as such and the servers' float32 conversion is the same as ours.
+        values = torch.rand(1, *shape, dtype=torch.float64).round(decimals=6)
+        body = run_dir / f"{name}.json"
+        body.write_bytes(json.dumps({"inputs": values.tolist()}).encode())
+        x = values.float()
         with torch.inference_mode():
             expected = reference(architecture, config, state)(x)
         models[name] = {
             "architecture": architecture,
             "config": config,
             "weights": weights,
+            "body": body,
             "expected": expected,
+            "loaded": limit.load(name, architecture, config, state),
         }
-        loaded[name] = limit.load(name, architecture, config, state)
-    models_file = run_dir / "models.json"
     listing = [
         {"name": n, **{k: m[k] for k in ("architecture", "config")}, "weights": str(m["weights"])}
         for n, m in models.items()
     ]
-    models_file.write_text(json.dumps(listing))
+    (run_dir / "models.json").write_text(json.dumps(listing))
+    return models
 
+
+def start_contenders(
+    args: argparse.Namespace, run_dir: Path, models: dict[str, Any], common_env: dict[str, str]
+) -> list[Contender]:
     contenders: list[Contender] = []
     for name in args.contenders:
         if name == "bnserve":
@@ -347,60 +343,80 @@ def run(args: argparse.Namespace, run_dir: Path, servers: Servers) -> dict[str, 
             print("litserve is not installed (pip install -e '.[bench]'): skipping it")
             continue
         port = free_port()
+        argv = ["-m", CONTENDER_MODULES[name], "--port", str(port)]
         server = Server(
             name,
-            ["-m", CONTENDER_MODULES[name], "--port", str(port), "--models-file", str(models_file)],
+            [*argv, "--models-file", str(run_dir / "models.json")],
             env=common_env,
             log_path=run_dir / f"{name}.log",
             port=port,
             health_path="/health" if name == "litserve" else "/healthz",
         )
         contenders.append(Contender(name, server, {m: f"/predict/{m}" for m in models}))
+    return contenders
+
+
+def measure_round(
+    index: int,
+    args: argparse.Namespace,
+    hey: str,
+    contenders: list[Contender],
+    servers: Servers,
+    models: dict[str, Any],
+) -> dict[str, Any]:
+    """Every contender at every client count, each alone, in a rotated order; then the limit."""
+    shift = index % len(contenders)
+    order = contenders[shift:] + contenders[:shift]
+    result: dict[str, Any] = {"round": index, "order": [c.name for c in order], "models": {}}
+    for model, spec in models.items():
+        http: dict[str, dict[str, Any]] = {c.name: {} for c in contenders}
+        for contender in order:
+            load = Load(contender.server.url + contender.paths[model], spec["body"])
+            with servers.alone(contender.server):
+                for clients in args.clients:
+                    row = measure_http(hey, contender, load, model, clients, args)
+                    http[contender.name][str(clients)] = row
+                    print(
+                        f"round {index + 1}/{args.rounds} {model:9} {contender.name:16} "
+                        f"c={clients:<3} {row['rps']:8.1f} req/s  p50 {row['p50_ms']} ms  "
+                        f"non-2xx {row['non_2xx']}",
+                        flush=True,
+                    )
+        servers.pause_all()
+        bnserve = http.get("bnserve")
+        batches = {
+            c: max(1, round(bnserve[str(c)].get("mean_batch") or 1)) if bnserve else c
+            for c in args.clients
+        }
+        result["models"][model] = {
+            "http": http,
+            "limit": measure_limit(spec["loaded"], batches, args.seconds),
+        }
+    return result
+
+
+def run(args: argparse.Namespace, run_dir: Path, servers: Servers) -> dict[str, Any]:
+    hey = ensure_hey()
+    common_env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meta = environment(args, hey)
+    models = prepare_models(args, run_dir)
+    contenders = start_contenders(args, run_dir, models, common_env)
     for contender in contenders:
         servers.add(contender.server)
-
     checks = {}
     for contender in contenders:
         contender.server.wait_ready()
         if contender.name.startswith("bnserve"):
             set_up_bnserve(contender, models)
-        checks[contender.name] = check_answers(contender, models, bodies)
+        checks[contender.name] = check_answers(contender, models)
         contender.server.pause()
         print(f"{contender.name} ready (pid {contender.server.pid}), answers checked", flush=True)
 
-    rounds = []
-    for index in range(args.rounds):
-        shift = index % len(contenders)
-        order = contenders[shift:] + contenders[:shift]
-        result: dict[str, Any] = {"round": index, "order": [c.name for c in order], "models": {}}
-        for model in models:
-            http: dict[str, dict[str, Any]] = {c.name: {} for c in contenders}
-            for contender in order:
-                load = Load(
-                    contender.server.url + contender.paths[model], run_dir / f"{model}.json"
-                )
-                with servers.alone(contender.server):
-                    for clients in args.clients:
-                        row = measure_http(hey, contender, load, model, clients, args)
-                        http[contender.name][str(clients)] = row
-                        print(
-                            f"round {index + 1}/{args.rounds} {model:9} {contender.name:16} "
-                            f"c={clients:<3} {row['rps']:8.1f} req/s  p50 {row['p50_ms']:.2f} ms  "
-                            f"non-2xx {row['non_2xx']}",
-                            flush=True,
-                        )
-            servers.pause_all()
-            bnserve = http.get("bnserve", {})
-            batches = {
-                c: max(1, round(bnserve[str(c)].get("mean_batch") or 1) if bnserve else c)
-                for c in args.clients
-            }
-            result["models"][model] = {
-                "http": http,
-                "limit": measure_limit(loaded[model], batches, args.seconds),
-            }
-        rounds.append(result)
-
+    rounds = [
+        measure_round(index, args, hey, contenders, servers, models) for index in range(args.rounds)
+    ]
     meta["load_average_at_end"] = os.getloadavg()
     per_round = [report.round_ratios(r) for r in rounds]
     ratios = report.median_ratios(per_round)
