@@ -2,10 +2,12 @@
 
 The module comes from `service.serving.loaded.build_loaded`, the function bnserve loads versions
 with, so whatever it applies at serving time (BN folding, channels_last, compilation) is applied
-here too, and the forward is its `LoadedModel.forward`. It runs in the benchmark's own process
-while every server is paused, at the batch sizes bnserve formed under the same load, with the
-torch thread settings of this process (the same defaults bnserve's API process starts with,
-unless `--threads` says otherwise), and on a worker thread as bnserve's forward executor runs it.
+here too, and the forward is its `LoadedModel.forward`, on a worker thread as bnserve's forward
+executor runs it. `bench/contenders/limit_server.py` runs it in a process started like the
+servers (its own session, the same environment and so the same torch thread defaults), while
+every server is paused, at the batch sizes bnserve formed under the same load. Measured in the
+benchmark's own process instead, a resnet18 forward took twice as long as a whole bnserve request
+on a busy machine: Linux's scheduler autogroups give each session its own share of the CPU.
 """
 
 from __future__ import annotations

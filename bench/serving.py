@@ -33,7 +33,7 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import limit, report
+from bench import report
 from bench.contenders.common import UVICORN_OPTIONS
 from bench.loadgen import Load, ensure_hey, run_hey
 from bench.procs import REPO, Server, Servers, free_port, terminated_on_sigterm
@@ -239,13 +239,17 @@ def measure_http(
 
 
 def measure_limit(
-    loaded: limit.LoadedModel, batches: dict[int, int], seconds: float
+    server: Server, servers: Servers, model: str, batches: dict[int, int], seconds: float
 ) -> dict[str, Any]:
     """Batch 1 (the lone client's forward) and each client count's bnserve mean batch."""
-    done: dict[int, dict[str, float]] = {1: limit.measure(loaded, 1, seconds)}
-    for batch in sorted(set(batches.values())):
-        if batch not in done:
-            done[batch] = limit.measure(loaded, batch, seconds)
+    done: dict[int, dict[str, Any]] = {}
+    with servers.alone(server), httpx.Client(base_url=server.url, timeout=600) as client:
+        for batch in sorted({1, *batches.values()}):
+            answer = client.post(
+                "/measure", json={"model": model, "batch": batch, "seconds": seconds}
+            )
+            answer.raise_for_status()
+            done[batch] = answer.json()
     return {
         "batch_1": done[1],
         "by_clients": {str(c): done[b] for c, b in batches.items()},
@@ -274,7 +278,7 @@ def environment(args: argparse.Namespace, hey: str) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "load_average_at_start": os.getloadavg(),
         "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "bench_torch_threads": torch.get_num_threads(),
         "packages": {
             d: version(d) for d in ("fastapi", "starlette", "uvicorn", "pydantic", "litserve")
         },
@@ -293,8 +297,7 @@ def environment(args: argparse.Namespace, hey: str) -> dict[str, Any]:
 
 
 def prepare_models(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
-    """Per model: weights saved once for every contender, the body, its expected outputs, and
-    the limit's loaded module."""
+    """Per model: weights saved once for every contender, the body and its expected outputs."""
     models: dict[str, Any] = {}
     for name in args.models:
         architecture, config = MODELS.get(name, (name, {}))
@@ -317,7 +320,6 @@ def prepare_models(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
             "weights": weights,
             "body": body,
             "expected": expected,
-            "loaded": limit.load(name, architecture, config, state),
         }
     listing = [
         {"name": n, **{k: m[k] for k in ("architecture", "config")}, "weights": str(m["weights"])}
@@ -361,6 +363,7 @@ def measure_round(
     args: argparse.Namespace,
     hey: str,
     contenders: list[Contender],
+    limit_server: Server,
     servers: Servers,
     models: dict[str, Any],
 ) -> dict[str, Any]:
@@ -390,7 +393,7 @@ def measure_round(
         }
         result["models"][model] = {
             "http": http,
-            "limit": measure_limit(spec["loaded"], batches, args.seconds),
+            "limit": measure_limit(limit_server, servers, model, batches, args.seconds),
         }
     return result
 
@@ -398,13 +401,32 @@ def measure_round(
 def run(args: argparse.Namespace, run_dir: Path, servers: Servers) -> dict[str, Any]:
     hey = ensure_hey()
     common_env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
-    if args.threads:
-        torch.set_num_threads(args.threads)
     meta = environment(args, hey)
     models = prepare_models(args, run_dir)
+    port = free_port()
+    models_file = str(run_dir / "models.json")
+    limit_server = servers.add(
+        Server(
+            "limit",
+            [
+                "-m",
+                "bench.contenders.limit_server",
+                "--port",
+                str(port),
+                "--models-file",
+                models_file,
+            ],
+            env=common_env,
+            log_path=run_dir / "limit.log",
+            port=port,
+            health_path="/healthz",
+        )
+    )
     contenders = start_contenders(args, run_dir, models, common_env)
     for contender in contenders:
         servers.add(contender.server)
+    limit_server.wait_ready()
+    limit_server.pause()
     checks = {}
     for contender in contenders:
         contender.server.wait_ready()
@@ -415,7 +437,8 @@ def run(args: argparse.Namespace, run_dir: Path, servers: Servers) -> dict[str, 
         print(f"{contender.name} ready (pid {contender.server.pid}), answers checked", flush=True)
 
     rounds = [
-        measure_round(index, args, hey, contenders, servers, models) for index in range(args.rounds)
+        measure_round(index, args, hey, contenders, limit_server, servers, models)
+        for index in range(args.rounds)
     ]
     meta["load_average_at_end"] = os.getloadavg()
     per_round = [report.round_ratios(r) for r in rounds]
