@@ -3,6 +3,7 @@
 #   scripts/dev.sh serve   creates .venv, installs bnserve, starts the API (+1 training worker) with
 #                          the demo model on http://127.0.0.1:8000
 #   scripts/dev.sh test    creates .venv, installs bnserve with its dev tools, runs ruff, mypy, pytest
+#   scripts/dev.sh bench   creates .venv, installs bnserve with LitServe, runs bench/serving.py
 # PyTorch comes first and pinned (TORCH_SPEC, default torch==2.13.0): the project's range would
 # otherwise let pip fetch a multi-GB CUDA build. Extra arguments go to uvicorn's server / pytest.
 set -euo pipefail
@@ -55,8 +56,12 @@ case "$command" in
         "$VENV/bin/mypy"
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
+    bench)
+        setup "[bench]"
+        exec "$VENV/bin/python" bench/serving.py "$@"
+        ;;
     *)
-        echo "usage: scripts/dev.sh serve|test [args]" >&2
+        echo "usage: scripts/dev.sh serve|test|bench [args]" >&2
         exit 2
         ;;
 esac

@@ -1,0 +1,1 @@
+"""Benchmarks: bnserve against its contenders, through real HTTP (`bench/serving.py`)."""
