@@ -138,15 +138,15 @@ def _media_kind(content_type: str | None) -> str:
     )
 
 
-def encode_answer(loaded: LoadedModel, out: torch.Tensor) -> bytes:
-    """The JSON answer, from the output tensor without a detour through Python lists."""
+def encode_answer(loaded: LoadedModel, out: torch.Tensor, probs: torch.Tensor | None) -> bytes:
+    """The JSON answer, from the output tensors without a detour through Python lists."""
     outputs = out.numpy()
     answer: dict[str, Any] = {"model": loaded.name, "version": loaded.version, "outputs": outputs}
-    if loaded.is_classifier:
-        probabilities = torch.softmax(out, dim=1)
-        predictions = probabilities.argmax(dim=1).numpy()
+    if probs is not None:
+        probabilities = probs.numpy()
+        predictions = probabilities.argmax(axis=1)
         answer["predictions"] = predictions
-        answer["probabilities"] = probabilities.numpy()
+        answer["probabilities"] = probabilities
         if loaded.labels is not None:
             answer["labels"] = [loaded.labels[i] for i in predictions.tolist()]
         else:
@@ -201,7 +201,7 @@ async def answer(request: Request, services: Services, name: str, version: int |
         x = await _decode_async(*args, limit) if large else _decode(*args, limit)
         try:
             async with asyncio.timeout(settings.PREDICT_TIMEOUT_S):
-                out = await handle.batcher.submit(x)
+                rows = await handle.batcher.submit(x)
         except TimeoutError:
             raise Overloaded(
                 f"prediction took longer than {settings.PREDICT_TIMEOUT_S} s "
@@ -209,10 +209,11 @@ async def answer(request: Request, services: Services, name: str, version: int |
                 code="timeout",
                 retry_after=1.0,
             ) from None
-        if out.numel() > INLINE_OUTPUT_VALUES:
-            payload = await asyncio.to_thread(encode_answer, loaded, out)
+        out, probs = handle.split(rows)
+        if rows.numel() > INLINE_OUTPUT_VALUES:
+            payload = await asyncio.to_thread(encode_answer, loaded, out, probs)
         else:
-            payload = encode_answer(loaded, out)
+            payload = encode_answer(loaded, out, probs)
         outcome = "ok"
     except BNServeError as exc:
         outcome = exc.code

@@ -160,10 +160,12 @@ def _decode(body: bytes, request: Request, loaded: LoadedModel, services: Servic
     )
 
 
-def _encode(loaded: LoadedModel, decoded: Decoded, out: torch.Tensor) -> tuple[bytes, int | None]:
+def _encode(
+    loaded: LoadedModel, decoded: Decoded, out: torch.Tensor, probs: torch.Tensor | None
+) -> tuple[bytes, int | None]:
     tensors = []
     for name, binary in decoded.outputs:
-        value = torch.softmax(out, dim=1) if name == "probabilities" else out
+        value = probs if name == "probabilities" and probs is not None else out
         tensors.append((name, value.numpy(), binary))
     return encode_response(
         model_name=loaded.name,
@@ -186,7 +188,7 @@ async def _infer(request: Request, services: Services, name: str, version: int |
         decoded = decode() if len(body) <= OFFLOAD_BYTES else await asyncio.to_thread(decode)
         try:
             async with asyncio.timeout(settings.PREDICT_TIMEOUT_S):
-                out = await handle.batcher.submit(decoded.x)
+                out, probs = handle.split(await handle.batcher.submit(decoded.x))
         except TimeoutError:
             raise Overloaded(
                 f"prediction took longer than {settings.PREDICT_TIMEOUT_S} s "
@@ -194,7 +196,7 @@ async def _infer(request: Request, services: Services, name: str, version: int |
                 code="timeout",
                 retry_after=1.0,
             ) from None
-        encode = partial(_encode, loaded, decoded, out)
+        encode = partial(_encode, loaded, decoded, out, probs)
         large = out.numel() * 4 * len(decoded.outputs) > OFFLOAD_BYTES
         content, header_length = await asyncio.to_thread(encode) if large else encode()
         outcome = "ok"
