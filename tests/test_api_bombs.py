@@ -3,6 +3,7 @@ anything inflates, with nothing stored and the server still serving (issue 9, it
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 
 from service.checkpoints.reader import MAX_PICKLE_BYTES, MAX_PICKLE_OPCODES
 from tests.conftest import AUTH, create_model, pt_bytes, trained_state_dict, upload
@@ -20,6 +22,7 @@ from tests.helpers_bombs import (
     npy_header,
     npy_member,
     padded_pickle,
+    stored,
     torch_members,
     zip_bytes,
 )
@@ -34,13 +37,27 @@ def _versions(client: httpx.Client, name: str) -> list[Any]:
 
 
 def _storage_bomb(zeros: int) -> bytes:
-    """An mlp_bn state_dict whose first storage record is padded with deflated zeros."""
-    members = torch_members(pt_bytes(trained_state_dict("mlp_bn")))
+    """mlp_bn weights whose fc1.weight views the start of a storage padded with `zeros` bytes.
+
+    Saved by torch.save as a view of a larger tensor (which writes the whole storage), then the
+    storage's declared size and record are swapped for ones `zeros` long, deflated: the same file
+    torch would write for a view of a huge zero-padded tensor, only small.
+    """
+    state = trained_state_dict("mlp_bn")
+    weight = state["fc1.weight"]
+    pad = 1 << 16  # floats: makes the saved numel a 4-byte BININT that is easy to find
+    state["fc1.weight"] = torch.cat([weight.flatten(), torch.zeros(pad)])[: weight.numel()].view(
+        weight.shape
+    )
+    saved = struct.pack("<i", weight.numel() + pad)
+    bomb = struct.pack("<i", weight.numel() + zeros // 4)
     out = []
-    for m in members:
-        if m.name.endswith("/data/0"):
-            # The record keeps its real bytes first, so the tensor that views it is unchanged.
-            out.append(deflated_zeros(m.name, zeros, head=m.payload))
+    for m in torch_members(pt_bytes(state)):
+        if m.name.endswith("/data.pkl"):
+            assert m.payload.count(b"J" + saved) == 1
+            out.append(stored(m.name, m.payload.replace(b"J" + saved, b"J" + bomb)))
+        elif m.size == (weight.numel() + pad) * 4:
+            out.append(deflated_zeros(m.name, zeros, head=weight.numpy().tobytes()))
         else:
             out.append(m)
     return zip_bytes(out)
