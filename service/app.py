@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -43,7 +44,9 @@ def build_services(settings: Settings) -> Services:
     owner = Owner(settings.DATA_DIR)
     registry = Registry(sessions, CheckpointStore(settings.checkpoint_dir, owner))
     registry.recover_store()
-    datasets = DatasetStore(settings.dataset_dir, owner, sessions)
+    datasets = DatasetStore(
+        settings.dataset_dir, owner, sessions, max_bytes=settings.max_dataset_bytes
+    )
     datasets.sweep()
     owner.sweep(settings.upload_dir)
     owner.sweep_owners()
@@ -71,6 +74,7 @@ def build_services(settings: Settings) -> Services:
         token=load_or_create_token(settings),
         device=device,
         metrics=metrics,
+        upload_executor=ThreadPoolExecutor(settings.UPLOAD_THREADS, thread_name_prefix="upload"),
     )
 
 
@@ -87,6 +91,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await supervisor.stop()
         await services.manager.stop()
+        services.upload_executor.shutdown(wait=False, cancel_futures=True)
         services.registry.close()
         services.owner.close()
 

@@ -54,9 +54,14 @@ def prepare(
     return Prepared(data=data, report=report.model_dump(mode="json"), loaded=loaded)
 
 
-def prepare_upload(model: ModelRow, path: Path, filename: str, device: torch.device) -> Prepared:
-    """Read an uploaded file without running pickle code, then `prepare` it."""
-    state_dict, info = read_state_dict(path, filename)
+def prepare_upload(
+    model: ModelRow, path: Path, filename: str, device: torch.device, *, max_bytes: int
+) -> Prepared:
+    """Read an uploaded file without running pickle code, then `prepare` it.
+
+    `max_bytes` bounds what the checkpoint may inflate to (the upload limit).
+    """
+    state_dict, info = read_state_dict(path, filename, max_bytes=max_bytes)
     return prepare(
         model,
         state_dict,

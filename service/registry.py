@@ -9,7 +9,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.exc import IntegrityError
@@ -231,6 +231,12 @@ class Registry:
         model = self.get_model(name)
         row = self.get_version(name, version)
         return model, row, self.store.read(model.id, row.filename, row.sha256)
+
+    def open_checkpoint(self, name: str, version: int) -> tuple[VersionRow, BinaryIO]:
+        """The version's stored file, verified and opened at its start (the caller closes it)."""
+        model = self.get_model(name)
+        row = self.get_version(name, version)
+        return row, self.store.open_verified(model.id, row.filename, row.sha256)
 
     def recover_store(self) -> list[str]:
         """Reconcile checkpoint files with the rows after a crash (run on start)."""

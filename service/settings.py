@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     # One log line per request; off by default because it is on the hot path of every prediction.
     ACCESS_LOG: bool = False
     MAX_UPLOAD_BYTES: int = Field(1 << 30, gt=0)
+    # What a dataset's arrays may declare once decompressed; unset means MAX_UPLOAD_BYTES.
+    MAX_DATASET_BYTES: int | None = Field(None, gt=0)
+    # Threads that read, scan, check and store uploads, apart from the pools predictions use.
+    UPLOAD_THREADS: int = Field(2, ge=1, le=64)
     # Python modules imported at start that register extra architectures (comma-separated).
     ARCHITECTURE_PLUGINS: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
@@ -109,6 +113,10 @@ class Settings(BaseSettings):
         if url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
         return url
+
+    @property
+    def max_dataset_bytes(self) -> int:
+        return self.MAX_DATASET_BYTES or self.MAX_UPLOAD_BYTES
 
     def worker_threads(self) -> int:
         if self.WORKER_THREADS:

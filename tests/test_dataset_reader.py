@@ -14,7 +14,7 @@ from service.datasets.reader import (
     check_dataset_for_model,
     read_dataset,
 )
-from service.errors import InvalidDataset
+from service.errors import InvalidDataset, PayloadTooLarge
 from service.files import sha256_file
 
 UNPICKLED: list[str] = []
@@ -207,8 +207,8 @@ def test_compressed_npz_over_the_limit_refused_before_decompressing(tmp_path):
     path = tmp_path / "big.npz"
     np.savez_compressed(path, x=np.zeros((1000, 100), dtype=np.float32), y=np.arange(1000))
     assert path.stat().st_size < 10_000
-    with pytest.raises(InvalidDataset) as info:
-        read_dataset(path, "big.npz", max_array_bytes=100_000)
+    with pytest.raises(PayloadTooLarge) as info:
+        read_dataset(path, "big.npz", max_bytes=100_000)
     assert info.value.code == "dataset_too_large"
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, ParamSpec, TypeVar
 
 import torch
 from fastapi import Depends, Request
@@ -18,6 +21,9 @@ from service.metrics import Metrics
 from service.registry import Registry
 from service.serving.manager import ModelManager
 from service.settings import Settings
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -33,11 +39,20 @@ class Services:
     token: str
     device: torch.device
     metrics: Metrics
+    # Upload processing (copying, reading, scanning, checking, hashing, storing) runs here, not
+    # in the default pool: predictions and other requests use that one, and a few slow uploads
+    # once kept all of its threads busy for a minute.
+    upload_executor: ThreadPoolExecutor
     upload_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     def upload_lock(self, name: str) -> asyncio.Lock:
         """Uploads of one model are processed one at a time in this process."""
         return self.upload_locks.setdefault(name, asyncio.Lock())
+
+    async def run_upload(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run blocking upload work on the upload executor (BNSERVE_UPLOAD_THREADS threads)."""
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.upload_executor, call)
 
 
 # Every dependency here is async: FastAPI runs a plain `def` dependency on its thread pool, a

@@ -6,7 +6,6 @@ body-size 413 and multipart errors reach the client as they are rather than as a
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -78,7 +77,7 @@ async def received_file(
         folder.mkdir(parents=True, exist_ok=True)
         path = services.owner.temp_path(folder)
         try:
-            await asyncio.to_thread(_copy, upload.file, path)
+            await services.run_upload(_copy, upload.file, path)
             yield ReceivedFile(path, upload.filename or "", form)
         finally:
             path.unlink(missing_ok=True)

@@ -25,7 +25,7 @@ from typing import IO, Any, Literal
 import safetensors.torch
 import torch
 
-from service.errors import InvalidCheckpoint, UnsafeCheckpoint
+from service.errors import InvalidCheckpoint, PayloadTooLarge, UnsafeCheckpoint
 
 Format = Literal["pt", "safetensors"]
 
@@ -42,8 +42,21 @@ _EXTENSION_HINTS: dict[str, Format] = {
 # Where training scripts put the model's state_dict inside a bigger checkpoint: Lightning
 # ("state_dict") and the PyTorch saving tutorial ("model_state_dict"), or plain "model".
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
-# A state_dict's data.pkl is a few hundred bytes per tensor; the tensors live in other members.
-_MAX_PICKLE_BYTES = 64 * 2**20
+# Bounds on the pickle walk, which is pure Python and holds a thread: a ResNet-18 state_dict's
+# data.pkl is 14.8 KB and 4,245 opcodes (torch 2.13), a training checkpoint with optimizer state a
+# few times that. The walk costs about 3 us an opcode and torch's weights-only unpickler about 7 us
+# more (measured on one core), so 500,000 opcodes, over 100 times ResNet-18, bound one file's
+# pickle work to about 5 s; a 61 KB file that inflated to 60 MB of opcodes once took 189 s.
+MAX_PICKLE_BYTES = 16 * 2**20
+MAX_PICKLE_OPCODES = 500_000
+# What a checkpoint may inflate to when no limit is passed: the default upload limit.
+DEFAULT_MAX_BYTES = 1 << 30
+# torch.save writes a view's whole storage, so a storage may exceed what its tensors reach; past
+# this much it is padding to inflate (a deflated record of zeros expands about 1000 times).
+_STORAGE_SLACK_FACTOR = 4
+_STORAGE_SLACK_BYTES = 1 << 20
+# safetensors' own parser accepts headers up to 100 MB; a real state_dict's is a few KB.
+MAX_SAFETENSORS_HEADER_BYTES = 16 * 2**20
 # Pre-1.6 torch files are five pickles in a row (magic number, protocol version, sys info, the
 # data, the storage keys) followed by raw storage bytes; see torch.serialization._legacy_save.
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -78,13 +91,36 @@ class ReadInfo:
     unwrapped_from: str | None = None
 
 
-def read_state_dict(path: Path, filename: str) -> tuple[dict[str, torch.Tensor], ReadInfo]:
-    """Load an uploaded checkpoint as str -> tensor on the CPU, refusing anything else."""
+def read_state_dict(
+    path: Path, filename: str, *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> tuple[dict[str, torch.Tensor], ReadInfo]:
+    """Load an uploaded checkpoint as str -> tensor on the CPU, refusing anything else.
+
+    `max_bytes` bounds what the file may inflate to; declared sizes are checked before anything
+    is decompressed.
+    """
     fmt = _detect_format(path, filename)
     if fmt == "safetensors":
+        _check_safetensors_header(path, filename)
         return _as_state_dict(_load_safetensors(path, filename), filename, "safetensors")
-    _inspect_pickles(path, filename, zipped=fmt == "zip")
+    _inspect_pickles(path, filename, zipped=fmt == "zip", max_bytes=max_bytes)
     return _as_state_dict(_load_torch(path, filename), filename, "pt")
+
+
+def _too_large(detail: str, limit: int, **extra: Any) -> PayloadTooLarge:
+    return PayloadTooLarge(detail, code="checkpoint_too_large", limit_bytes=limit, **extra)
+
+
+def _check_safetensors_header(path: Path, filename: str) -> None:
+    """Refuse a header too long to be a state_dict's before safetensors parses it."""
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+    if header_len > MAX_SAFETENSORS_HEADER_BYTES:
+        raise _too_large(
+            f"{filename} declares a {header_len}-byte safetensors header; a state_dict's is a few "
+            f"KB and at most {MAX_SAFETENSORS_HEADER_BYTES} bytes are accepted",
+            MAX_SAFETENSORS_HEADER_BYTES,
+        )
 
 
 def _detect_format(path: Path, filename: str) -> Literal["zip", "legacy", "safetensors"]:
@@ -157,10 +193,32 @@ def allowed_globals() -> frozenset[str]:
 
 @dataclass
 class _PickleScan:
-    """What a pickle would import and which strings it holds, collected without running it."""
+    """What a pickle would import and which strings it holds, collected without running it.
+
+    `storages` maps each persistent storage key to the bytes its tensors reach (from the
+    `_rebuild_tensor_v2` calls whose operands are constants), so records padded far beyond
+    their tensors can be refused before torch inflates them.
+    """
 
     globals: set[str] = field(default_factory=set)
     strings: set[str] = field(default_factory=set)
+    storages: dict[str, int] = field(default_factory=dict)
+    opcodes: int = 0
+
+
+@dataclass(frozen=True)
+class _Global:
+    """A global on the simulated stack, so REDUCE can tell which function it calls."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class _Storage:
+    """A persistent storage reference: `('storage', type, key, location, numel)` in torch files."""
+
+    key: str
+    itemsize: int
 
 
 # What pickletools and zipfile raise on a malformed file: truncated, unknown opcode, bad deflate
@@ -188,6 +246,63 @@ _STRING_OPS = frozenset(
     }
 )
 _INT_OPS = frozenset({"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"})
+_TUPLE_SIZES = {"EMPTY_TUPLE": 0, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+_TENSOR_REBUILDS = frozenset({"torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2"})
+
+
+# Element sizes of the legacy storage classes torch.save names in storage ids ("torch
+# FloatStorage"); read from torch.dtype, since touching the storage classes warns.
+_STORAGE_DTYPES = {
+    "Double": torch.float64,
+    "Float": torch.float32,
+    "Half": torch.float16,
+    "BFloat16": torch.bfloat16,
+    "Long": torch.int64,
+    "Int": torch.int32,
+    "Short": torch.int16,
+    "Char": torch.int8,
+    "Byte": torch.uint8,
+    "Bool": torch.bool,
+    "ComplexDouble": torch.complex128,
+    "ComplexFloat": torch.complex64,
+}
+
+
+def _storage_itemsize(type_name: str) -> int | None:
+    """Bytes per element of a storage class such as `torch.FloatStorage`, if it is known."""
+    dtype = _STORAGE_DTYPES.get(type_name.removeprefix("torch.").removesuffix("Storage"))
+    return None if dtype is None else dtype.itemsize
+
+
+def _tensor_extent(args: object) -> tuple[str, int] | None:
+    """The storage key and bytes reached by `_rebuild_tensor_v2(storage, offset, size, stride)`."""
+    if not isinstance(args, tuple) or len(args) < 4 or not isinstance(args[0], _Storage):
+        return None
+    storage, offset, size, stride = args[:4]
+    if not (
+        isinstance(offset, int)
+        and isinstance(size, tuple)
+        and isinstance(stride, tuple)
+        and len(size) == len(stride)
+        and all(isinstance(d, int) and d >= 0 for d in (offset, *size, *stride))
+    ):
+        return None
+    if 0 in size:
+        return storage.key, 0
+    last = offset + sum((d - 1) * st for d, st in zip(size, stride, strict=True))
+    return storage.key, (last + 1) * storage.itemsize
+
+
+def _count(scan: _PickleScan) -> None:
+    scan.opcodes += 1
+    if scan.opcodes > MAX_PICKLE_OPCODES:
+        raise PayloadTooLarge(
+            f"the checkpoint's pickle has more than {MAX_PICKLE_OPCODES} opcodes; a state_dict "
+            "needs about 35 per tensor (ResNet-18: 4,245). Upload torch.save(model.state_dict(), "
+            "f) or a .safetensors file",
+            code="pickle_too_large",
+            limit_opcodes=MAX_PICKLE_OPCODES,
+        )
 
 
 def _scan_pickle(source: IO[bytes] | bytes, scan: _PickleScan) -> object:
@@ -200,6 +315,7 @@ def _scan_pickle(source: IO[bytes] | bytes, scan: _PickleScan) -> object:
     stack: list[object] = []
     memo: dict[object, object] = {}
     for op, arg, _pos in pickletools.genops(source):
+        _count(scan)
         name = op.name
         if name in ("PUT", "BINPUT", "LONG_BINPUT"):
             memo[arg] = stack[-1] if stack else _OPAQUE
@@ -219,12 +335,33 @@ def _scan_pickle(source: IO[bytes] | bytes, scan: _PickleScan) -> object:
             module, qualname = (stack[-2], stack[-1]) if len(stack) >= 2 else (None, None)
             del stack[-2:]
             if isinstance(module, str) and isinstance(qualname, str):
-                scan.globals.add(_global_name(module, qualname))
+                full = _global_name(module, qualname)
+                scan.globals.add(full)
+                stack.append(_Global(full))
             else:
                 scan.globals.add("<STACK_GLOBAL with operands built at load time>")
+                stack.append(_OPAQUE)
+            continue
+        if name == "GLOBAL":
+            full = _global_name(*str(arg).partition(" ")[::2])
+            scan.globals.add(full)
+            stack.append(_Global(full))
+            continue
+        if name in _TUPLE_SIZES or name == "TUPLE":
+            _build_tuple(name, stack)
+            continue
+        if name == "BINPERSID" and stack:
+            stack.append(_persistent(stack.pop(), scan))
+            continue
+        if name == "REDUCE" and len(stack) >= 2:
+            args, func = stack.pop(), stack.pop()
+            extent = _tensor_extent(args)
+            if isinstance(func, _Global) and func.name in _TENSOR_REBUILDS and extent:
+                key, reached = extent
+                scan.storages[key] = max(scan.storages.get(key, 0), reached)
             stack.append(_OPAQUE)
             continue
-        if name in ("GLOBAL", "INST"):
+        if name == "INST":
             module, _, qualname = str(arg).partition(" ")
             scan.globals.add(_global_name(module, qualname))
         elif name in ("EXT1", "EXT2", "EXT4"):
@@ -233,6 +370,35 @@ def _scan_pickle(source: IO[bytes] | bytes, scan: _PickleScan) -> object:
             return stack[-1] if stack else _OPAQUE
         _simulate(op, stack)
     return _OPAQUE  # pragma: no cover - genops raises before running out without STOP
+
+
+def _build_tuple(name: str, stack: list[object]) -> None:
+    if name == "TUPLE":
+        items: list[object] = []
+        while stack and (item := stack.pop()) is not _MARK:
+            items.append(item)
+        stack.append(tuple(reversed(items)))
+        return
+    size = _TUPLE_SIZES[name]
+    items = stack[len(stack) - size :] if size else []
+    del stack[len(stack) - size :]
+    stack.append(tuple(items))
+
+
+def _persistent(pid: object, scan: _PickleScan) -> object:
+    """A `_Storage` for torch's storage ids, recorded with no tensor reaching into it yet."""
+    if (
+        isinstance(pid, tuple)
+        and len(pid) == 5
+        and pid[0] == "storage"
+        and isinstance(pid[1], _Global)
+        and isinstance(pid[2], str)
+    ):
+        itemsize = _storage_itemsize(pid[1].name)
+        if itemsize is not None:
+            scan.storages.setdefault(pid[2], 0)
+            return _Storage(pid[2], itemsize)
+    return _OPAQUE
 
 
 def _simulate(op: pickletools.OpcodeInfo, stack: list[object]) -> None:
@@ -254,12 +420,12 @@ def _global_name(module: str, qualname: str) -> str:
     return f"{'builtins' if module == '__builtin__' else module}.{qualname}"
 
 
-def _inspect_pickles(path: Path, filename: str, *, zipped: bool) -> None:
+def _inspect_pickles(path: Path, filename: str, *, zipped: bool, max_bytes: int) -> None:
     """Refuse a torch file whose pickle references anything but tensors and plain containers."""
     scan = _PickleScan()
     try:
         if zipped:
-            _scan_zip(path, filename, scan)
+            _scan_zip(path, filename, scan, max_bytes)
         else:
             with path.open("rb") as f:
                 if _scan_pickle(f, scan) == _LEGACY_MAGIC:
@@ -292,9 +458,19 @@ def _inspect_pickles(path: Path, filename: str, *, zipped: bool) -> None:
     )
 
 
-def _scan_zip(path: Path, filename: str, scan: _PickleScan) -> None:
+def _scan_zip(path: Path, filename: str, scan: _PickleScan, max_bytes: int) -> None:
     with zipfile.ZipFile(path) as archive:
         members = archive.infolist()
+        # zipfile stops inflating a member at its declared file_size, and so does torch's miniz
+        # reader, so declared sizes bound what the archive can expand to.
+        declared = sum(m.file_size for m in members)
+        if declared > max_bytes:
+            raise _too_large(
+                f"{filename} would inflate to {declared} bytes; the limit is {max_bytes} "
+                "(BNSERVE_MAX_UPLOAD_BYTES)",
+                max_bytes,
+                declared_bytes=declared,
+            )
         if any(m.filename.endswith("/constants.pkl") for m in members):
             # torch.load's own test for a TorchScript archive (torch.serialization).
             raise UnsafeCheckpoint(
@@ -310,10 +486,36 @@ def _scan_zip(path: Path, filename: str, scan: _PickleScan) -> None:
         # Every pickle is scanned, not just the one torch would pick, so two data.pkl members
         # cannot smuggle a second object past this gate.
         for member in pickles:
-            if member.file_size > _MAX_PICKLE_BYTES:
-                raise ValueError(f"{member.filename} is {member.file_size} bytes")
+            if member.file_size > MAX_PICKLE_BYTES:
+                raise PayloadTooLarge(
+                    f"{filename}'s {member.filename} is {member.file_size} bytes once inflated; "
+                    f"a state_dict's pickle is a few hundred bytes per tensor and at most "
+                    f"{MAX_PICKLE_BYTES} are accepted",
+                    code="pickle_too_large",
+                    limit_bytes=MAX_PICKLE_BYTES,
+                )
             with archive.open(member) as f:
-                _scan_pickle(f.read(_MAX_PICKLE_BYTES + 1), scan)
+                _scan_pickle(f.read(MAX_PICKLE_BYTES + 1), scan)
+        _check_storages(filename, members, scan)
+
+
+def _check_storages(filename: str, members: list[zipfile.ZipInfo], scan: _PickleScan) -> None:
+    """Refuse storage records far larger than the tensors that use them, before they inflate."""
+    records = {m.filename.rpartition("/data/")[2]: m for m in members if "/data/" in m.filename}
+    for key, reached in scan.storages.items():
+        record = records.get(key)
+        if record is None:
+            continue  # torch.load reports the missing record itself
+        if record.file_size > _STORAGE_SLACK_FACTOR * reached + _STORAGE_SLACK_BYTES:
+            raise InvalidCheckpoint(
+                f"{filename}'s storage {key} holds {record.file_size} bytes but its tensors "
+                f"reach only {reached}; save the state_dict with torch.save, which writes "
+                "each storage once at its size",
+                code="oversized_storage",
+                storage=key,
+                storage_bytes=record.file_size,
+                tensor_bytes=reached,
+            )
 
 
 # --- second gate and the shape of what came out ------------------------------------------------

@@ -21,6 +21,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from service.errors import CorruptCheckpoint, NotFound
 from service.files import Owner, publish, temp_owner, temp_tag, write_durably
@@ -76,25 +77,41 @@ class CheckpointStore:
 
     def read(self, model_id: str, filename: str, sha256: str) -> bytes:
         """The checkpoint's bytes, refused when they no longer hash to the recorded sha256."""
+        with self.open_verified(model_id, filename, sha256) as handle:
+            return handle.read()
+
+    def open_verified(self, model_id: str, filename: str, sha256: str) -> BinaryIO:
+        """The checkpoint opened for reading at its start, once its bytes hash to `sha256`.
+
+        For streaming it out without holding it in memory: the hash is taken through the same
+        handle, and versions are only ever replaced by rename, so what is sent is what was
+        checked.
+        """
         path = self.model_dir(model_id) / filename
         if not path.exists():
             self._roll_forward(model_id, filename, sha256)
         try:
-            data = path.read_bytes()
+            handle = path.open("rb")
         except FileNotFoundError:
             raise NotFound(
                 f"checkpoint file {filename} of model {model_id} is missing from the store",
                 code="checkpoint_missing",
             ) from None
-        found = hashlib.sha256(data).hexdigest()
-        if found != sha256:
-            raise CorruptCheckpoint(
-                f"checkpoint {filename} is corrupt: its sha256 is {found}, the registry recorded "
-                f"{sha256}; refusing to serve it (restore the file or upload the version again)",
-                expected_sha256=sha256,
-                found_sha256=found,
-            )
-        return data
+        try:
+            found = hashlib.file_digest(handle, "sha256").hexdigest()
+            if found != sha256:
+                raise CorruptCheckpoint(
+                    f"checkpoint {filename} is corrupt: its sha256 is {found}, the registry "
+                    f"recorded {sha256}; refusing to serve it (restore the file or upload the "
+                    "version again)",
+                    expected_sha256=sha256,
+                    found_sha256=found,
+                )
+            handle.seek(0)
+        except BaseException:
+            handle.close()
+            raise
+        return handle
 
     def delete_model(self, model_id: str) -> None:
         shutil.rmtree(self.model_dir(model_id), ignore_errors=True)

@@ -7,6 +7,7 @@ Every refusal is an `InvalidDataset` whose `code` names the problem, so the HTTP
 
 from __future__ import annotations
 
+import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,10 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 import torch
+from numpy.lib import format as npy_format
 from safetensors import safe_open
 
-from service.errors import InvalidDataset
+from service.errors import InvalidDataset, PayloadTooLarge
 
 # Zip local-file header and the end-of-central-directory record (an empty zip has only the latter);
 # numpy.load recognises `.npz` by the same two prefixes.
@@ -27,8 +29,13 @@ _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 _SAFETENSORS_LEN_BYTES = 8
 
 # `.npz` members may be deflated (np.savez_compressed), so a small upload can expand a
-# thousandfold; refuse before decompressing anything larger than this.
-DEFAULT_MAX_ARRAY_BYTES = 4 * 2**30
+# thousandfold: x and y together may declare at most this many bytes (the default upload limit),
+# checked from the zip directory and the `.npy` headers before anything is decompressed.
+DEFAULT_MAX_BYTES = 1 << 30
+_SAFETENSORS_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
 
 _ARRAYS = ("x", "y")
 
@@ -52,10 +59,28 @@ class Dataset:
         return tuple(int(d) for d in self.x.shape[1:])
 
 
-def read_dataset(
-    path: Path, filename: str, *, max_array_bytes: int = DEFAULT_MAX_ARRAY_BYTES
-) -> Dataset:
-    """Load and check arrays `x` and `y` so a training job never starts on data it cannot use."""
+def read_dataset(path: Path, filename: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Dataset:
+    """Load and check arrays `x` and `y` so a training job never starts on data it cannot use.
+
+    `x` and `y` may declare at most `max_bytes` together, checked before they are read.
+    """
+    if _format(path, filename) == "npz":
+        x, y = _load_npz(path, filename, _ARRAYS, max_bytes)
+    else:
+        x, y = _load_safetensors(path, filename, _ARRAYS, max_bytes)
+    return _validated(x, y)
+
+
+def read_labels(path: Path, filename: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+    """Only `y` of a stored dataset, for the checks a job needs beyond the recorded shapes."""
+    if _format(path, filename) == "npz":
+        (y,) = _load_npz(path, filename, ("y",), max_bytes)
+    else:
+        (y,) = _load_safetensors(path, filename, ("y",), max_bytes)
+    return y
+
+
+def _format(path: Path, filename: str) -> Literal["npz", "safetensors"]:
     try:
         kind = _sniff_format(path)
     except OSError as e:
@@ -66,49 +91,68 @@ def read_dataset(
             "with numpy.savez(f, x=x, y=y) or safetensors' save_file({'x': x, 'y': y}, f)",
             code="unreadable_dataset",
         )
-    if kind == "npz":
-        x, y = _load_npz(path, filename, max_array_bytes)
-    else:
-        x, y = _load_safetensors(path, filename)
-    return _validated(x, y)
+    return kind
+
+
+def _too_large(filename: str, declared: int, max_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"{filename!r} declares {declared} bytes of arrays x and y once decompressed; the limit "
+        f"is {max_bytes} (BNSERVE_MAX_DATASET_BYTES)",
+        code="dataset_too_large",
+        limit_bytes=max_bytes,
+        declared_bytes=declared,
+    )
 
 
 def check_dataset_for_model(
     ds: Dataset, *, input_shape: tuple[int, ...], task: str, num_outputs: int
 ) -> None:
     """Refuse a dataset whose samples or labels the model cannot take, before a job is queued."""
+    check_shapes_for_model(
+        sample_shape=ds.sample_shape,
+        y_kind=ds.y_kind,
+        y_shape=tuple(ds.y.shape),
+        input_shape=input_shape,
+        task=task,
+        num_outputs=num_outputs,
+    )
+    if task == "classification":
+        check_labels_for_model(ds.y, num_outputs=num_outputs)
+
+
+def check_shapes_for_model(
+    *,
+    sample_shape: tuple[int, ...],
+    y_kind: str,
+    y_shape: tuple[int, ...],
+    input_shape: tuple[int, ...],
+    task: str,
+    num_outputs: int,
+) -> None:
+    """What a dataset's recorded shapes tell about fitting a model, without reading its file."""
     expected = tuple(int(d) for d in input_shape)
-    if ds.sample_shape != expected:
+    if sample_shape != expected:
         raise InvalidDataset(
-            f"samples have shape {list(ds.sample_shape)} but the model takes {list(expected)} "
+            f"samples have shape {list(sample_shape)} but the model takes {list(expected)} "
             "per sample; x must be N x input_shape",
             code="shape_mismatch",
             expected=list(expected),
-            found=list(ds.sample_shape),
+            found=list(sample_shape),
         )
     if task == "classification":
-        if ds.y_kind != "class":
+        if y_kind != "class":
             raise InvalidDataset(
                 "a classifier needs integer class ids in y; found floating-point targets",
                 code="bad_labels",
             )
-        max_id = int(ds.y.max())
-        if max_id >= num_outputs:
-            raise InvalidDataset(
-                f"y has class id {max_id} but the model has {num_outputs} classes "
-                f"(ids 0..{num_outputs - 1})",
-                code="bad_labels",
-                max_label=max_id,
-                num_classes=num_outputs,
-            )
     elif task == "regression":
-        if ds.y_kind != "target":
+        if y_kind != "target":
             raise InvalidDataset(
                 "a regression model needs floating-point targets in y; found integer class ids "
                 "(save y as float32 if they are numeric targets)",
                 code="bad_targets",
             )
-        per_sample = 1 if ds.y.ndim == 1 else int(ds.y.shape[1])
+        per_sample = 1 if len(y_shape) == 1 else int(y_shape[1])
         if per_sample != num_outputs:
             raise InvalidDataset(
                 f"y has {per_sample} target(s) per sample but the model has {num_outputs} "
@@ -120,6 +164,19 @@ def check_dataset_for_model(
             )
     else:
         raise ValueError(f"unknown task {task!r}; expected 'classification' or 'regression'")
+
+
+def check_labels_for_model(y: torch.Tensor, *, num_outputs: int) -> None:
+    """Refuse class ids the classifier has no output for."""
+    max_id = int(y.max())
+    if max_id >= num_outputs:
+        raise InvalidDataset(
+            f"y has class id {max_id} but the model has {num_outputs} classes "
+            f"(ids 0..{num_outputs - 1})",
+            code="bad_labels",
+            max_label=max_id,
+            num_classes=num_outputs,
+        )
 
 
 def _sniff_format(path: Path) -> Literal["npz", "safetensors"] | None:
@@ -149,42 +206,73 @@ def _unreadable(filename: str, err: BaseException) -> InvalidDataset:
     return InvalidDataset(f"could not read {filename!r}: {err}", code="unreadable_dataset")
 
 
-def _load_npz(path: Path, filename: str, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # Only x and y are read: other members are never decompressed, so whatever they hold
-    # (object arrays included) costs nothing and runs nothing.
+def _load_npz(
+    path: Path, filename: str, names: tuple[str, ...], max_bytes: int
+) -> list[torch.Tensor]:
+    # Only the named arrays are read: other members are never decompressed, so whatever they
+    # hold (object arrays included) costs nothing and runs nothing.
     try:
         with zipfile.ZipFile(path) as zf:
-            sizes = {i.filename.removesuffix(".npy"): i.file_size for i in zf.infolist()}
-    except Exception as e:  # BadZipFile, OSError, unsupported compression: all unreadable
+            members = {i.filename.removesuffix(".npy"): i for i in zf.infolist()}
+            if any(name not in members for name in _ARRAYS):
+                raise _missing(filename, list(members))
+            chosen = [members[name] for name in names]
+            # The zip directory's sizes first (zipfile inflates no member past its file_size),
+            # then each .npy header's shape x itemsize, both before any data is decompressed.
+            declared = sum(m.file_size for m in chosen)
+            if declared > max_bytes:
+                raise _too_large(filename, declared, max_bytes)
+            headers = [_npy_header(zf, m, filename) for m in chosen]
+            declared = sum(nbytes for _, nbytes in headers)
+            if declared > max_bytes:
+                raise _too_large(filename, declared, max_bytes)
+            arrays = []
+            for name, member in zip(names, chosen, strict=True):
+                with zf.open(member) as f:
+                    arrays.append(_from_numpy(name, npy_format.read_array(f, allow_pickle=False)))
+    except (InvalidDataset, PayloadTooLarge):
+        raise
+    except Exception as e:  # BadZipFile, a truncated deflate stream, EOF inside the data
         raise _unreadable(filename, e) from e
-    if any(name not in sizes for name in _ARRAYS):
-        raise _missing(filename, list(sizes))
-    too_big = {name: sizes[name] for name in _ARRAYS if sizes[name] > max_bytes}
-    if too_big:
-        raise InvalidDataset(
-            f"arrays {sorted(too_big)} would take {max(too_big.values())} bytes once "
-            f"decompressed; the limit is {max_bytes}",
-            code="dataset_too_large",
-            limit_bytes=max_bytes,
-        )
-    arrays: dict[str, npt.NDArray[np.generic]] = {}
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            for name in _ARRAYS:
-                arrays[name] = npz[name]
-    except ValueError as e:
-        # numpy.lib.format.read_array: "Object arrays cannot be loaded when allow_pickle=False";
-        # loading them would unpickle arbitrary objects.
-        if "allow_pickle" in str(e):
+    return arrays
+
+
+def _npy_header(zf: zipfile.ZipFile, member: zipfile.ZipInfo, filename: str) -> tuple[str, int]:
+    """A member's dtype and data bytes from its `.npy` header, refused unless the data is there."""
+    name = member.filename.removesuffix(".npy")
+    with zf.open(member) as f:
+        try:
+            version = npy_format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = npy_format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = npy_format.read_array_header_2_0(f)
+            else:  # 3.0 only exists for structured dtypes with non-latin-1 field names
+                raise ValueError(f"npy format version {version} is not accepted")
+        except ValueError as e:
             raise InvalidDataset(
-                f"{filename!r} holds an object array; object arrays are not accepted because "
-                "loading them runs pickle. Save x and y as numeric arrays",
-                code="bad_dtype",
-            ) from e
-        raise _unreadable(filename, e) from e
-    except Exception as e:  # any parse failure of an untrusted file means "unreadable"
-        raise _unreadable(filename, e) from e
-    return _from_numpy("x", arrays["x"]), _from_numpy("y", arrays["y"])
+                f"member {member.filename!r} of {filename!r} is not an .npy array ({e}); save "
+                "the arrays with numpy.savez(f, x=x, y=y)",
+                code="unreadable_dataset",
+                array=name,
+            ) from None
+        header_bytes = f.tell()
+    if dtype.hasobject:
+        # Reading them would unpickle arbitrary objects.
+        raise InvalidDataset(
+            f"{filename!r} holds an object array; object arrays are not accepted because "
+            "loading them runs pickle. Save x and y as numeric arrays",
+            code="bad_dtype",
+        )
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes != member.file_size - header_bytes:
+        raise InvalidDataset(
+            f"array {name!r} of {filename!r} declares shape {list(shape)} ({nbytes} bytes) but "
+            f"its member holds {member.file_size - header_bytes} bytes of data",
+            code="unreadable_dataset",
+            array=name,
+        )
+    return str(dtype), nbytes
 
 
 def _from_numpy(name: str, arr: npt.NDArray[np.generic]) -> torch.Tensor:
@@ -199,19 +287,27 @@ def _from_numpy(name: str, arr: npt.NDArray[np.generic]) -> torch.Tensor:
     return torch.from_numpy(np.array(arr, dtype=arr.dtype.newbyteorder("="), copy=True))
 
 
-def _load_safetensors(path: Path, filename: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_safetensors(
+    path: Path, filename: str, names: tuple[str, ...], max_bytes: int
+) -> list[torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
             if any(name not in keys for name in _ARRAYS):
                 raise _missing(filename, keys)
-            x = f.get_tensor("x")
-            y = f.get_tensor("y")
-    except InvalidDataset:
+            # The header's shapes and dtypes, before any tensor is read.
+            declared = 0
+            for name in names:
+                part = f.get_slice(name)
+                itemsize = _SAFETENSORS_DTYPE_BYTES.get(part.get_dtype(), 8)
+                declared += math.prod(part.get_shape()) * itemsize
+            if declared > max_bytes:
+                raise _too_large(filename, declared, max_bytes)
+            return [f.get_tensor(name) for name in names]
+    except (InvalidDataset, PayloadTooLarge):
         raise
     except Exception as e:  # SafetensorError and friends: a corrupt header or truncated data
         raise _unreadable(filename, e) from e
-    return x, y
 
 
 def _bad_dtype(name: str, dtype: str) -> InvalidDataset:

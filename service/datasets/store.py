@@ -8,25 +8,34 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.datasets.reader import Dataset, read_dataset
+from service.datasets.reader import DEFAULT_MAX_BYTES, Dataset, read_dataset, read_labels
 from service.db.tables import DatasetRow, utcnow
 from service.errors import CorruptCheckpoint, NotFound
 from service.files import Owner, fsync_file, publish, sha256_file
 
 
 class DatasetStore:
-    def __init__(self, root: Path, owner: Owner, sessions: sessionmaker[Session]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        owner: Owner,
+        sessions: sessionmaker[Session],
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
         self.root = root
         self.owner = owner
         self._sessions = sessions
+        self.max_bytes = max_bytes
         root.mkdir(parents=True, exist_ok=True)
 
     def add(self, upload: Path, filename: str, name: str | None) -> DatasetRow:
         """Check an uploaded file, then keep it under its sha256 (identical uploads share it)."""
-        dataset = read_dataset(upload, filename)
+        dataset = read_dataset(upload, filename, max_bytes=self.max_bytes)
         sha = sha256_file(upload)
         # By content, not by the client's file name: identical bytes are stored once.
         with open(upload, "rb") as handle:
@@ -72,7 +81,11 @@ class DatasetStore:
                 f"dataset file {row.filename} is corrupt (sha256 {found}, recorded {row.sha256})",
                 code="corrupt_dataset",
             )
-        return read_dataset(path, row.filename)
+        return read_dataset(path, row.filename, max_bytes=self.max_bytes)
+
+    def labels(self, row: DatasetRow) -> torch.Tensor:
+        """Only the stored `y`, as read on upload; `load` (in the worker) checks the sha256."""
+        return read_labels(self.root / row.filename, row.filename, max_bytes=self.max_bytes)
 
     def sweep(self) -> None:
         self.owner.sweep(self.root)

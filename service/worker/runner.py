@@ -42,7 +42,9 @@ class Worker:
         sessions = make_sessionmaker(engine)
         self.owner = Owner(settings.DATA_DIR)
         self.registry = Registry(sessions, CheckpointStore(settings.checkpoint_dir, self.owner))
-        self.datasets = DatasetStore(settings.dataset_dir, self.owner, sessions)
+        self.datasets = DatasetStore(
+            settings.dataset_dir, self.owner, sessions, max_bytes=settings.max_dataset_bytes
+        )
         self.queue = JobQueue(sessions)
         self.device = resolve_device(settings.DEVICE)
         self.id = f"{socket.gethostname()}:{os.getpid()}:{self.owner.token[:6]}"

@@ -29,7 +29,7 @@ async def upload_dataset(request: Request, services: ServicesDep) -> DatasetPubl
     """Check an `.npz` or `.safetensors` file with arrays `x` and `y`, then keep it."""
     expected = "an .npz (numpy.savez(f, x=x, y=y)) or .safetensors file with tensors x and y"
     async with received_file(request, services, expected=expected, fields=FORM) as received:
-        row = await asyncio.to_thread(
+        row = await services.run_upload(
             services.datasets.add, received.path, received.filename, received.text("name")
         )
     return DatasetPublic.of(row)

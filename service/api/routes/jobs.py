@@ -12,7 +12,7 @@ from models import get_architecture
 from service.api.deps import ReadAuth, Services, ServicesDep, WriteAuth
 from service.api.openapi import errors
 from service.api.schemas import JobCreate, JobPublic
-from service.datasets.reader import check_dataset_for_model
+from service.datasets.reader import check_labels_for_model, check_shapes_for_model
 from service.db.tables import JobRow
 from service.errors import InvalidInput, NotServing
 from service.training.trainer import TrainParams, validate_trainable
@@ -71,17 +71,16 @@ def _validated_params(body: JobCreate, num_samples: int) -> dict[str, Any]:
 
 
 def _create(services: Services, body: JobCreate) -> JobRow:
-    """Check everything a worker would trip over before the job is queued."""
+    """Check everything a worker would trip over before the job is queued, cheapest first.
+
+    The rows answer every check but the class-id range, so a bad request is refused without
+    touching the dataset's file; only then is its `y` read (never `x`, and never all of it twice:
+    the worker verifies the sha256 when it loads the whole dataset).
+    """
     model = services.registry.get_model(body.model)
-    dataset_row = services.datasets.get(body.dataset)
     config = get_architecture(model.architecture).parse_config(model.config)
-    dataset = services.datasets.load(dataset_row)
-    check_dataset_for_model(
-        dataset,
-        input_shape=tuple(config.input_shape()),
-        task=config.task,
-        num_outputs=config.num_outputs(),
-    )
+    dataset_row = services.datasets.get(body.dataset)
+    params = _validated_params(body, dataset_row.num_samples)
     base = body.base_version
     if base is None and body.kind == "recalibrate_bn":
         base = "serving"
@@ -89,7 +88,18 @@ def _create(services: Services, body: JobCreate) -> JobRow:
         raise NotServing(f"model {model.name!r} has no serving version to start from")
     if isinstance(base, int):
         services.registry.get_version(model.name, base)
-    params = _validated_params(body, dataset.num_samples)
+    check_shapes_for_model(
+        sample_shape=tuple(dataset_row.x_shape[1:]),
+        y_kind=dataset_row.y_kind,
+        y_shape=tuple(dataset_row.y_shape),
+        input_shape=tuple(config.input_shape()),
+        task=config.task,
+        num_outputs=config.num_outputs(),
+    )
+    if config.task == "classification":
+        check_labels_for_model(
+            services.datasets.labels(dataset_row), num_outputs=config.num_outputs()
+        )
     return services.jobs.create(
         kind=body.kind,
         model_id=model.id,
@@ -103,7 +113,8 @@ def _create(services: Services, body: JobCreate) -> JobRow:
 
 @router.post("", status_code=202, dependencies=[WriteAuth], responses=errors(404, 409, 422))
 async def create_job(body: JobCreate, services: ServicesDep) -> JobPublic:
-    return JobPublic.of(await asyncio.to_thread(_create, services, body))
+    # On the upload executor: it may read the dataset's labels from disk.
+    return JobPublic.of(await services.run_upload(_create, services, body))
 
 
 @router.get("", dependencies=[ReadAuth])

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi import Path as PathParam
+from fastapi.responses import StreamingResponse
 
 from service.api.deps import ReadAuth, ServicesDep, WriteAuth
 from service.api.openapi import errors
@@ -23,6 +26,8 @@ FORM: dict[str, dict[str, Any]] = {
     "note": {"type": "string"},
 }
 VersionNumber = Annotated[int, PathParam(ge=1)]
+# Small enough that many downloads at once hold little, large enough that threads hop rarely.
+_CHUNK_BYTES = 256 * 1024
 
 
 def _parse_bool(value: str | None, field: str, default: bool) -> bool:
@@ -56,10 +61,15 @@ async def upload_version(name: str, request: Request, services: ServicesDep) -> 
         async with received_file(request, services, expected=expected, fields=FORM) as received:
             promote = _parse_bool(received.text("promote"), "promote", default=True)
             async with services.upload_lock(name):
-                prepared = await asyncio.to_thread(
-                    prepare_upload, model, received.path, received.filename, services.device
+                prepared = await services.run_upload(
+                    prepare_upload,
+                    model,
+                    received.path,
+                    received.filename,
+                    services.device,
+                    max_bytes=services.settings.MAX_UPLOAD_BYTES,
                 )
-                row = await asyncio.to_thread(
+                row = await services.run_upload(
                     publish, registry, prepared, source="upload", note=received.text("note")
                 )
                 serving = model.serving_version
@@ -97,13 +107,27 @@ async def get_version(name: str, version: VersionNumber, services: ServicesDep) 
     responses={200: {"content": {"application/octet-stream": {}}}, **errors(404, 500)},
 )
 async def get_weights(name: str, version: VersionNumber, services: ServicesDep) -> Response:
-    """The stored tensors as safetensors bytes, verified against the recorded sha256."""
-    _, row, data = await asyncio.to_thread(services.registry.read_checkpoint, name, version)
-    return Response(
-        data,
+    """The stored tensors as safetensors bytes, verified against the recorded sha256.
+
+    Streamed in chunks read in a thread: read whole, 30 concurrent downloads of a 51 MB version
+    once added 1.4 GB to the process.
+    """
+    row, handle = await asyncio.to_thread(services.registry.open_checkpoint, name, version)
+    size = os.fstat(handle.fileno()).st_size
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            while chunk := await asyncio.to_thread(handle.read, _CHUNK_BYTES):
+                yield chunk
+        finally:
+            handle.close()
+
+    return StreamingResponse(
+        chunks(),
         media_type="application/octet-stream",
         headers={
             "Content-Disposition": f'attachment; filename="{name}-v{version}.safetensors"',
+            "Content-Length": str(size),
             "X-Checkpoint-SHA256": row.sha256,
         },
     )
