@@ -13,6 +13,9 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# Shorter bearer tokens are refused: a short one can be guessed, an empty one matches nothing sent.
+MIN_TOKEN_LENGTH = 16
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -67,6 +70,19 @@ class Settings(BaseSettings):
     def _split_plugins(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("API_TOKEN")
+    @classmethod
+    def _check_token(cls, value: str | None) -> str | None:
+        # Unset or empty (`BNSERVE_API_TOKEN=` in a .env file): the server keeps its own token.
+        if value is None or value == "":
+            return None
+        if len(value.strip()) < MIN_TOKEN_LENGTH or value != value.strip():
+            raise ValueError(
+                f"BNSERVE_API_TOKEN must be at least {MIN_TOKEN_LENGTH} characters with no "
+                "surrounding whitespace (or unset it to have one generated in the data dir)"
+            )
         return value
 
     @field_validator("DEVICE")
