@@ -42,7 +42,7 @@ def build_services(settings: Settings) -> Services:
     registry = Registry(sessions, CheckpointStore(settings.checkpoint_dir, owner))
     registry.recover_store()
     datasets = DatasetStore(settings.dataset_dir, owner, sessions)
-    datasets.sweep()
+    datasets.recover()
     owner.sweep(settings.upload_dir)
     owner.sweep_owners()
     jobs = JobQueue(sessions)

@@ -154,7 +154,9 @@ def test_generated_token_is_kept_in_the_data_dir_with_mode_0600(tmp_path: Path):
         assert r.status_code == 204
 
 
-@pytest.mark.parametrize("content", ["", "\n", "   \n", "short\n"], ids=["empty", "newline", "blank", "short"])
+@pytest.mark.parametrize(
+    "content", ["", "\n", "   \n", "short\n"], ids=["empty", "newline", "blank", "short"]
+)
 def test_an_empty_or_short_token_file_is_replaced_never_used(tmp_path: Path, spawn, content):
     """A full disk on first start used to leave an empty api-token, and `Bearer` alone got in."""
     data_dir = tmp_path / "data"

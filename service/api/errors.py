@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import BNServeError, Overloaded
+from service.files import disk_full_cause, insufficient_storage
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,12 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    cause = disk_full_cause(exc)
+    if cause is not None:
+        # A full disk in a write no store wraps itself (creating a model or a job on SQLite).
+        full = insufficient_storage(request.app.state.settings.DATA_DIR, cause)
+        log.error("%s %s: %s", request.method, request.url.path, full.detail)
+        return error_response(full.status, full.detail, full.code, **full.extra)
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal server error", "internal_error")
 

@@ -19,6 +19,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from service.api.deps import Services
 from service.errors import InvalidInput
+from service.files import disk_full_as_error
 
 
 @dataclass
@@ -42,7 +43,8 @@ def upload_form(**fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def _copy(source: IO[bytes], target: Path) -> None:
-    with open(target, "xb") as handle:
+    """Copy the parsed upload into the data dir; a full disk answers 507 (the caller unlinks)."""
+    with disk_full_as_error(target.parent), open(target, "xb") as handle:
         shutil.copyfileobj(source, handle, 1 << 20)
 
 
@@ -58,7 +60,8 @@ async def received_file(
                 f"multipart form field 'file' is required: {expected}", code="missing_file"
             )
         folder = services.settings.upload_dir
-        folder.mkdir(parents=True, exist_ok=True)
+        with disk_full_as_error(folder):
+            folder.mkdir(parents=True, exist_ok=True)
         path = services.owner.temp_path(folder)
         try:
             await asyncio.to_thread(_copy, upload.file, path)

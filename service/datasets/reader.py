@@ -17,7 +17,7 @@ import numpy.typing as npt
 import torch
 from safetensors import safe_open
 
-from service.errors import InvalidDataset
+from service.errors import InvalidDataset, shorten
 
 # Zip local-file header and the end-of-central-directory record (an empty zip has only the latter);
 # numpy.load recognises `.npz` by the same two prefixes.
@@ -31,6 +31,8 @@ _SAFETENSORS_LEN_BYTES = 8
 DEFAULT_MAX_ARRAY_BYTES = 4 * 2**30
 
 _ARRAYS = ("x", "y")
+# Member names echoed in an error; a crafted file may hold thousands of them.
+_NAMES_SHOWN = 20
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,8 @@ def read_dataset(
         raise _unreadable(filename, e) from e
     if kind is None:
         raise InvalidDataset(
-            f"{filename!r} is neither an .npz (zip) nor a .safetensors file; save the arrays "
-            "with numpy.savez(f, x=x, y=y) or safetensors' save_file({'x': x, 'y': y}, f)",
+            f"{shorten(filename)!r} is neither an .npz (zip) nor a .safetensors file; save the "
+            "arrays with numpy.savez(f, x=x, y=y) or safetensors' save_file({'x': x, 'y': y}, f)",
             code="unreadable_dataset",
         )
     if kind == "npz":
@@ -136,9 +138,10 @@ def _sniff_format(path: Path) -> Literal["npz", "safetensors"] | None:
     return None
 
 
-def _missing(filename: str, found: list[str]) -> InvalidDataset:
+def _missing(filename: str, names: list[str]) -> InvalidDataset:
+    found = [shorten(name) for name in names[:_NAMES_SHOWN]]
     return InvalidDataset(
-        f"{filename!r} must hold arrays named 'x' (samples) and 'y' (labels); found "
+        f"{shorten(filename)!r} must hold arrays named 'x' (samples) and 'y' (labels); found "
         f"{sorted(found) or 'none'}",
         code="missing_arrays",
         found=sorted(found),
@@ -146,7 +149,9 @@ def _missing(filename: str, found: list[str]) -> InvalidDataset:
 
 
 def _unreadable(filename: str, err: BaseException) -> InvalidDataset:
-    return InvalidDataset(f"could not read {filename!r}: {err}", code="unreadable_dataset")
+    return InvalidDataset(
+        f"could not read {shorten(filename)!r}: {shorten(str(err))}", code="unreadable_dataset"
+    )
 
 
 def _load_npz(path: Path, filename: str, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,11 +159,25 @@ def _load_npz(path: Path, filename: str, max_bytes: int) -> tuple[torch.Tensor, 
     # (object arrays included) costs nothing and runs nothing.
     try:
         with zipfile.ZipFile(path) as zf:
-            sizes = {i.filename.removesuffix(".npy"): i.file_size for i in zf.infolist()}
+            members = [i.filename for i in zf.infolist()]
+            sizes = {
+                i.filename.removesuffix(".npy"): i.file_size
+                for i in zf.infolist()
+                if i.filename.endswith(".npy")
+            }
     except Exception as e:  # BadZipFile, OSError, unsupported compression: all unreadable
         raise _unreadable(filename, e) from e
+    not_npy = sorted(name for name in _ARRAYS if name not in sizes and name in members)
+    if not_npy:
+        # numpy.load hands back such a member's raw bytes instead of an array.
+        raise InvalidDataset(
+            f"{shorten(filename)!r}: member(s) {not_npy} are not .npy arrays; save the arrays "
+            "with numpy.savez(f, x=x, y=y), which stores them as x.npy and y.npy",
+            code="invalid_dataset",
+            members=not_npy,
+        )
     if any(name not in sizes for name in _ARRAYS):
-        raise _missing(filename, list(sizes))
+        raise _missing(filename, [m.removesuffix(".npy") for m in members])
     too_big = {name: sizes[name] for name in _ARRAYS if sizes[name] > max_bytes}
     if too_big:
         raise InvalidDataset(
@@ -171,14 +190,17 @@ def _load_npz(path: Path, filename: str, max_bytes: int) -> tuple[torch.Tensor, 
     try:
         with np.load(path, allow_pickle=False) as npz:
             for name in _ARRAYS:
-                arrays[name] = npz[name]
+                value = npz[f"{name}.npy"]
+                if not isinstance(value, np.ndarray):
+                    raise ValueError(f"member {name}.npy is not a .npy array")
+                arrays[name] = value
     except ValueError as e:
         # numpy.lib.format.read_array: "Object arrays cannot be loaded when allow_pickle=False";
         # loading them would unpickle arbitrary objects.
         if "allow_pickle" in str(e):
             raise InvalidDataset(
-                f"{filename!r} holds an object array; object arrays are not accepted because "
-                "loading them runs pickle. Save x and y as numeric arrays",
+                f"{shorten(filename)!r} holds an object array; object arrays are not accepted "
+                "because loading them runs pickle. Save x and y as numeric arrays",
                 code="bad_dtype",
             ) from e
         raise _unreadable(filename, e) from e

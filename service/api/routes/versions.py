@@ -13,10 +13,11 @@ from service.api.schemas import PromoteResult, VersionPublic
 from service.api.uploads import received_file, upload_form
 from service.errors import BNServeError, InvalidInput
 from service.publishing import prepare_upload, publish
+from service.registry import MAX_VERSION
 
 router = APIRouter(prefix="/v1/models/{name}/versions", tags=["versions"])
 
-VersionNumber = Annotated[int, PathParam(ge=1)]
+VersionNumber = Annotated[int, PathParam(ge=1, le=MAX_VERSION)]
 
 
 def _parse_bool(value: str | None, field: str, default: bool) -> bool:
