@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import BNServeError, Overloaded
+from service.errors import BNServeError, Overloaded, shorten
 from service.files import disk_full_cause, insufficient_storage
 
 log = logging.getLogger(__name__)
@@ -25,10 +25,27 @@ _HTTP_CODES = {
 }
 
 
+# A detail is a sentence or a few; past this it is echoing something it should not.
+MAX_DETAIL = 2000
+
+
+def _shortened(value: Any) -> Any:
+    """`value` with every string in it cut to MAX_ECHOED characters (names from the request)."""
+    if isinstance(value, str):
+        return shorten(value)
+    if isinstance(value, dict):
+        return {shorten(str(k)): _shortened(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_shortened(v) for v in value]
+    return value
+
+
 def error_response(
     status: int, detail: str, code: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
-    return JSONResponse({"detail": detail, "code": code, **extra}, status, headers=headers)
+    """The contract's error body; echoed names are cut short, so no request is echoed whole."""
+    body = {"detail": shorten(detail, MAX_DETAIL), "code": code, **_shortened(extra)}
+    return JSONResponse(body, status, headers=headers)
 
 
 async def _domain(request: Request, exc: Exception) -> JSONResponse:
@@ -47,8 +64,8 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [
         {
-            "field": ".".join(str(p) for p in err.get("loc", ()) if p != "body"),
-            "message": err.get("msg", ""),
+            "field": shorten(".".join(str(p) for p in err.get("loc", ()) if p != "body")),
+            "message": shorten(err.get("msg", "")),
             "type": err.get("type", ""),
         }
         for err in exc.errors()
