@@ -13,6 +13,7 @@ from models import load_plugins
 from service.api.auth import load_or_create_token
 from service.api.deps import Services
 from service.api.errors import install_error_handlers
+from service.api.hosts import AllowedHostsMiddleware
 from service.api.limits import BodyLimitMiddleware
 from service.api.routes import architectures, datasets, health, jobs, models, predict, versions
 from service.checkpoints.store import CheckpointStore
@@ -111,6 +112,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.add_middleware(BodyLimitMiddleware, limit=settings.MAX_UPLOAD_BYTES)
+    # Added last, so it runs first: a request for a foreign host gets no further.
+    app.add_middleware(AllowedHostsMiddleware, allowed=settings.allowed_hosts())
     install_error_handlers(app)
     for module in (health, architectures, models, versions, predict, datasets, jobs):
         app.include_router(module.router)

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     DEVICE: str = "auto"
     API_TOKEN: str | None = None
     PROTECT_READS: bool = False
+    # Host names the server answers for (the Host header); empty means the bind address and the
+    # loopback names. `*` allows any, `*.example.com` any subdomain.
+    ALLOWED_HOSTS: Annotated[list[str], NoDecode] = Field(default_factory=list)
     WORKERS: int = Field(1, ge=0, le=64)
     # API processes (uvicorn workers) on this host; each follows the database like a replica.
     API_WORKERS: int = Field(1, ge=1, le=64)
@@ -65,7 +68,7 @@ class Settings(BaseSettings):
     DEMO: bool = True
     LOG_LEVEL: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("ARCHITECTURE_PLUGINS", mode="before")
+    @field_validator("ARCHITECTURE_PLUGINS", "ALLOWED_HOSTS", mode="before")
     @classmethod
     def _split_plugins(cls, value: object) -> object:
         if isinstance(value, str):
@@ -108,6 +111,12 @@ class Settings(BaseSettings):
         if url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
         return url
+
+    def allowed_hosts(self) -> list[str]:
+        """The Host header names to answer: the setting, or the bind address and loopback."""
+        if self.ALLOWED_HOSTS:
+            return list(self.ALLOWED_HOSTS)
+        return [self.HOST, "localhost", "127.0.0.1", "::1"]
 
     def worker_threads(self) -> int:
         if self.WORKER_THREADS:
