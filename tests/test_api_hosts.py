@@ -7,7 +7,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.api.hosts import host_name
 from tests.helpers_api import assert_error, running, serve
 
 READS = ["/v1/models", "/v1/models/m/versions/1/weights", "/readyz", "/metrics", "/docs"]
@@ -18,6 +17,8 @@ READS = ["/v1/models", "/v1/models/m/versions/1/weights", "/readyz", "/metrics",
     [("127.0.0.1:8000", "127.0.0.1"), ("[::1]:8000", "::1"), ("Example.COM", "example.com")],
 )
 def test_host_name_drops_the_port(header, name):
+    from service.api.hosts import host_name
+
     assert host_name(header) == name
 
 
