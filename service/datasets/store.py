@@ -108,6 +108,8 @@ class DatasetStore:
     def load(self, row: DatasetRow) -> Dataset:
         """The stored tensors, refused when the file no longer matches its sha256."""
         path = self.root / row.filename
+        if not path.exists():
+            self._roll_forward(row.filename, row.sha256)
         found = sha256_file(path)
         if found != row.sha256:
             raise CorruptCheckpoint(
@@ -115,6 +117,16 @@ class DatasetStore:
                 code="corrupt_dataset",
             )
         return read_dataset(path, row.filename)
+
+    def _roll_forward(self, filename: str, sha256: str) -> bool:
+        """Finish a store that a crash cut between the row's commit and the rename."""
+        temps = [p for p in self.root.iterdir() if temp_owner(p) and temp_tag(p) == sha256]
+        # The same bytes may be staged by a live upload too: a dead writer's file is the lost one.
+        temps.sort(key=lambda p: self.owner.is_alive(temp_owner(p) or ""))
+        if temps:
+            with contextlib.suppress(FileNotFoundError):  # another process finished it first
+                publish(temps[0], self.root / filename)
+        return (self.root / filename).exists()
 
     def recover(self) -> list[str]:
         """Make the folder agree with the rows after a crash (run on start); returns what it did.
@@ -127,15 +139,8 @@ class DatasetStore:
             known = dict(session.execute(select(DatasetRow.filename, DatasetRow.sha256)).all())
         actions: list[str] = []
         for filename, sha in known.items():
-            final = self.root / filename
-            if final.exists():
-                continue
-            temps = [p for p in self.root.iterdir() if temp_owner(p) and temp_tag(p) == sha]
-            temps.sort(key=lambda p: self.owner.is_alive(temp_owner(p) or ""))  # dead first
-            if temps:
-                with contextlib.suppress(FileNotFoundError):
-                    publish(temps[0], final)
-                    actions.append(f"rolled forward {filename}")
+            if not (self.root / filename).exists() and self._roll_forward(filename, sha):
+                actions.append(f"rolled forward {filename}")
         for path in listed:
             if (
                 temp_owner(path) is None
