@@ -40,7 +40,7 @@ from bench.procs import REPO, Server, Servers, free_port, terminated_on_sigterm
 from bench.scrape import scrape, served
 from models import get_architecture
 
-TOKEN = "bench"
+TOKEN = "bench-token-0123456789"  # BNSERVE_API_TOKEN needs 16 characters or more
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 # Model name -> (architecture, config) as issue 8 names them.

@@ -8,6 +8,7 @@ validated config, then loads a state_dict into them.
 from __future__ import annotations
 
 import importlib
+import math
 import re
 import threading
 from abc import abstractmethod
@@ -15,13 +16,26 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypedDict, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from torch import nn
 
 Task = Literal["classification", "regression"]
 
 # Classifier heads beyond this size are almost surely a typo, and `labels()` materialises them.
 MAX_CLASSES = 100_000
+# Values in one input sample (16 MiB as float32). The serving gate runs a probe batch of a few
+# random samples through every new version, and training holds batches of them: a config with
+# far larger samples (clip3d at 64x256x512x512 asked for 64 GiB) is refused when the model is
+# created rather than when the gate tries to allocate it.
+MAX_INPUT_ELEMENTS = 2**22
 
 NumClasses = Annotated[
     int, Field(ge=2, le=MAX_CLASSES, description="Number of classes (width of the output layer).")
@@ -71,6 +85,18 @@ class ArchConfig(BaseModel):
                 "other samples in its batch"
             )
         return value
+
+    @model_validator(mode="after")
+    def _check_input_size(self) -> ArchConfig:
+        shape = self.input_shape()
+        elements = math.prod(shape)
+        if elements > MAX_INPUT_ELEMENTS:
+            raise ValueError(
+                f"one input sample would have {elements} values (shape {list(shape)}); the limit "
+                f"is {MAX_INPUT_ELEMENTS} values per sample, so that probe and training batches "
+                "fit in memory: choose smaller input dimensions"
+            )
+        return self
 
     if TYPE_CHECKING:
         # Declared for type checkers only: subclasses provide `task` as a property

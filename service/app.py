@@ -15,6 +15,7 @@ from service.api.auth import load_or_create_token
 from service.api.deps import Services
 from service.api.errors import install_error_handlers
 from service.api.fastpath import PredictFastPath
+from service.api.hosts import AllowedHostsMiddleware
 from service.api.limits import BodyLimitMiddleware
 from service.api.openapi import install_openapi
 from service.api.routes import architectures, datasets, health, jobs, models, predict, v2, versions
@@ -47,7 +48,7 @@ def build_services(settings: Settings) -> Services:
     datasets = DatasetStore(
         settings.dataset_dir, owner, sessions, max_bytes=settings.max_dataset_bytes
     )
-    datasets.sweep()
+    datasets.recover()
     owner.sweep(settings.upload_dir)
     owner.sweep_owners()
     jobs = JobQueue(sessions)
@@ -124,6 +125,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added first, so it is the innermost middleware: the others still wrap every prediction.
     app.add_middleware(PredictFastPath)
     app.add_middleware(BodyLimitMiddleware, limit=settings.MAX_UPLOAD_BYTES)
+    # Added last, so it runs first: a request for a foreign host gets no further.
+    app.add_middleware(AllowedHostsMiddleware, allowed=settings.allowed_hosts())
     install_error_handlers(app)
     install_openapi(app, settings)
     for module in (health, architectures, models, versions, predict, v2, datasets, jobs):

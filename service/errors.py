@@ -8,6 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+# Names from a request (state_dict keys, fields, file and member names) echoed in an error are cut
+# to this many characters, so a crafted 10 MB key is not sent back (twice) in the answer.
+MAX_ECHOED = 200
+
+
+def shorten(text: str, limit: int = MAX_ECHOED) -> str:
+    """`text`, cut to `limit` characters with an ellipsis when longer."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
 
 class BNServeError(Exception):
     """Base class: `status` is the HTTP status the contract gives this problem."""
@@ -101,3 +110,10 @@ class CorruptCheckpoint(BNServeError):
 
     status = 500
     code = "corrupt_checkpoint"
+
+
+class InsufficientStorage(BNServeError):
+    """The disk (or quota) holding the data dir is full; nothing partial was kept."""
+
+    status = 507
+    code = "insufficient_storage"

@@ -12,16 +12,67 @@ shares the folder with working locks, without guessing from file ages.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import hashlib
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
+from service.errors import InsufficientStorage
+
 TMP_SUFFIX = ".tmp"
 CHUNK = 1 << 20
+# No space left on the device, or the user's disk quota reached.
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_SQLITE_FULL = 13  # SQLITE_FULL: "database or disk is full"
+_PG_DISK_FULL = "53100"  # PostgreSQL's disk_full SQLSTATE
+
+
+def disk_full_cause(exc: BaseException) -> str | None:
+    """ "files" or "database" when `exc` (or what caused it) is a full disk or quota, else None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _DISK_FULL_ERRNOS:
+            return "files"
+        # sqlite3.OperationalError / psycopg errors, possibly wrapped by SQLAlchemy (`.orig`).
+        for candidate in (current, getattr(current, "orig", None)):
+            if getattr(candidate, "sqlite_errorcode", None) == _SQLITE_FULL:
+                return "database"
+            if getattr(candidate, "sqlstate", None) == _PG_DISK_FULL:
+                return "database"
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def insufficient_storage(folder: Path, cause: str) -> InsufficientStorage:
+    what = (
+        "the disk" if cause == "files" else "the database's disk (SQLite keeps it in the data dir)"
+    )
+    return InsufficientStorage(
+        f"no space left storing under {folder.resolve()}: {what} is full or over quota; nothing "
+        "was kept. Free space in the data dir (BNSERVE_DATA_DIR) and retry",
+        folder=str(folder.resolve()),
+    )
+
+
+@contextlib.contextmanager
+def disk_full_as_error(folder: Path) -> Iterator[None]:
+    """Turn a full disk or quota while storing under `folder` into InsufficientStorage (507)."""
+    try:
+        yield
+    except InsufficientStorage:
+        raise
+    except Exception as exc:
+        cause = disk_full_cause(exc)
+        if cause is None:
+            raise
+        raise insufficient_storage(folder, cause) from exc
 
 
 def fsync_dir(path: Path) -> None:
@@ -124,16 +175,24 @@ def temp_tag(path: Path) -> str | None:
 
 
 def write_durably(path: Path, chunks: Iterable[bytes]) -> tuple[str, int]:
-    """Write and fsync `path` (a temp name); returns (sha256, size)."""
+    """Write and fsync `path` (a temp name); returns (sha256, size).
+
+    On any failure (a full disk above all) the partial file is removed at once.
+    """
     digest = hashlib.sha256()
     size = 0
-    with open(path, "xb") as handle:
-        for chunk in chunks:
-            handle.write(chunk)
-            digest.update(chunk)
-            size += len(chunk)
-        handle.flush()
-        os.fsync(handle.fileno())
+    handle = open(path, "xb")  # noqa: SIM115 - closed below; only a file we created is removed
+    try:
+        with handle:
+            for chunk in chunks:
+                handle.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
     return digest.hexdigest(), size
 
 

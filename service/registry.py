@@ -18,16 +18,20 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from models import Architecture, ConfigError, UnknownArchitecture, get_architecture
 from service.checkpoints.store import CheckpointStore
 from service.db.tables import ModelRow, VersionRow, utcnow
-from service.errors import Conflict, InvalidInput, NotFound
+from service.errors import Conflict, InvalidInput, NotFound, shorten
+from service.files import disk_full_as_error
 
 # Names end up in URLs and log lines, never in paths (files are keyed by the model's id).
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# Version numbers are 64-bit signed integers in the database; a larger one can name no version
+# (and would make the driver raise OverflowError).
+MAX_VERSION = 2**63 - 1
 
 
 def check_name(name: str) -> str:
     if not NAME_PATTERN.fullmatch(name):
         raise InvalidInput(
-            f"invalid model name {name!r}: use 1-64 characters a-z, 0-9, '_' or '-', "
+            f"invalid model name {shorten(name)!r}: use 1-64 characters a-z, 0-9, '_' or '-', "
             "starting with a letter or digit",
             code="invalid_name",
         )
@@ -48,6 +52,12 @@ def parse_config(architecture: str, config: dict[str, Any] | None) -> tuple[Arch
             code="invalid_config",
             errors=exc.errors,
         ) from None
+
+
+def _no_version(name: str, version: int) -> NotFound:
+    return NotFound(
+        f"model {name!r} has no version {shorten(str(version))}", code="version_not_found"
+    )
 
 
 class Registry:
@@ -107,7 +117,7 @@ class Registry:
                 .options(selectinload(ModelRow.versions))
             )
             if row is None:
-                raise NotFound(f"model {name!r} does not exist", code="model_not_found")
+                raise NotFound(f"model {shorten(name)!r} does not exist", code="model_not_found")
             return row
 
     def list_models(self) -> list[ModelRow]:
@@ -124,7 +134,7 @@ class Registry:
         with self._tx() as session:
             model_id = session.scalar(select(ModelRow.id).where(ModelRow.name == name))
             if model_id is None:
-                raise NotFound(f"model {name!r} does not exist", code="model_not_found")
+                raise NotFound(f"model {shorten(name)!r} does not exist", code="model_not_found")
             session.execute(delete(VersionRow).where(VersionRow.model_id == model_id))
             session.execute(delete(ModelRow).where(ModelRow.id == model_id))
         # Rows first: a crash here leaves files without rows, which recovery removes.
@@ -152,7 +162,7 @@ class Registry:
         model = self.get_model(name)
         staged = self.store.stage(model.id, data)
         try:
-            with self._tx() as session:
+            with disk_full_as_error(self.store.root), self._tx() as session:
                 # One statement both locks the model row (PostgreSQL) and takes the next number;
                 # SQLite's BEGIN IMMEDIATE already serializes writers. Rolled back with the
                 # transaction, so numbers stay gap-free.
@@ -184,6 +194,9 @@ class Registry:
         return row
 
     def get_version(self, name: str, version: int) -> VersionRow:
+        if not 1 <= version <= MAX_VERSION:
+            self.get_model(name)
+            raise _no_version(name, version)
         with self._tx() as session:
             row = session.scalar(
                 select(VersionRow)
@@ -193,24 +206,26 @@ class Registry:
         if row is None:
             # Outside the transaction: a nested one would wait on this one's SQLite write lock.
             self.get_model(name)  # 404 for the model first, when that is what is missing
-            raise NotFound(f"model {name!r} has no version {version}", code="version_not_found")
+            raise _no_version(name, version)
         return row
 
     def list_versions(self, name: str) -> list[VersionRow]:
         return list(self.get_model(name).versions)
 
     def set_serving(self, name: str, version: int) -> None:
+        if not 1 <= version <= MAX_VERSION:
+            raise _no_version(name, version)
         with self._tx() as session:
             model_id = session.scalar(select(ModelRow.id).where(ModelRow.name == name))
             if model_id is None:
-                raise NotFound(f"model {name!r} does not exist", code="model_not_found")
+                raise NotFound(f"model {shorten(name)!r} does not exist", code="model_not_found")
             exists = session.scalar(
                 select(VersionRow.id).where(
                     VersionRow.model_id == model_id, VersionRow.version == version
                 )
             )
             if exists is None:
-                raise NotFound(f"model {name!r} has no version {version}", code="version_not_found")
+                raise _no_version(name, version)
             session.execute(
                 update(ModelRow)
                 .where(ModelRow.id == model_id)

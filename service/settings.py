@@ -13,6 +13,9 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# Shorter bearer tokens are refused: a short one can be guessed, an empty one matches nothing sent.
+MIN_TOKEN_LENGTH = 16
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -27,6 +30,9 @@ class Settings(BaseSettings):
     DEVICE: str = "auto"
     API_TOKEN: str | None = None
     PROTECT_READS: bool = False
+    # Host names the server answers for (the Host header); empty means the bind address and the
+    # loopback names. `*` allows any, `*.example.com` any subdomain.
+    ALLOWED_HOSTS: Annotated[list[str], NoDecode] = Field(default_factory=list)
     WORKERS: int = Field(1, ge=0, le=64)
     # API processes (uvicorn workers) on this host; each follows the database like a replica.
     API_WORKERS: int = Field(1, ge=1, le=64)
@@ -83,11 +89,24 @@ class Settings(BaseSettings):
     DEMO: bool = True
     LOG_LEVEL: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("ARCHITECTURE_PLUGINS", mode="before")
+    @field_validator("ARCHITECTURE_PLUGINS", "ALLOWED_HOSTS", mode="before")
     @classmethod
     def _split_plugins(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("API_TOKEN")
+    @classmethod
+    def _check_token(cls, value: str | None) -> str | None:
+        # Unset or empty (`BNSERVE_API_TOKEN=` in a .env file): the server keeps its own token.
+        if value is None or value == "":
+            return None
+        if len(value.strip()) < MIN_TOKEN_LENGTH or value != value.strip():
+            raise ValueError(
+                f"BNSERVE_API_TOKEN must be at least {MIN_TOKEN_LENGTH} characters with no "
+                "surrounding whitespace (or unset it to have one generated in the data dir)"
+            )
         return value
 
     @field_validator("DEVICE")
@@ -117,6 +136,12 @@ class Settings(BaseSettings):
     @property
     def max_dataset_bytes(self) -> int:
         return self.MAX_DATASET_BYTES or self.MAX_UPLOAD_BYTES
+
+    def allowed_hosts(self) -> list[str]:
+        """The Host header names to answer: the setting, or the bind address and loopback."""
+        if self.ALLOWED_HOSTS:
+            return list(self.ALLOWED_HOSTS)
+        return [self.HOST, "localhost", "127.0.0.1", "::1"]
 
     def worker_threads(self) -> int:
         if self.WORKER_THREADS:

@@ -31,7 +31,7 @@ from service.api.server import server_config
 from service.app import create_app
 from service.settings import Settings
 
-TOKEN = "test-token"
+TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 REPO = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get(

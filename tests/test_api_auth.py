@@ -7,6 +7,8 @@ server makes one and keeps it in `<data dir>/api-token` (mode 0600).
 from __future__ import annotations
 
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import AUTH, pt_bytes, trained_state_dict
+from tests.conftest import AUTH, REPO, TOKEN, ServerProcess, pt_bytes, trained_state_dict
 from tests.helpers_api import assert_error, predict_ok, running, samples, serve, snapshot
 
 BAD_HEADERS = {
@@ -22,7 +24,7 @@ BAD_HEADERS = {
     "wrong-token": {"Authorization": "Bearer not-the-token"},
     "token-prefix": {"Authorization": "Bearer test-tok"},
     "empty-bearer": {"Authorization": "Bearer"},
-    "no-scheme": {"Authorization": "test-token"},
+    "no-scheme": {"Authorization": TOKEN},
     "basic-scheme": {"Authorization": "Basic dGVzdC10b2tlbg=="},
 }
 
@@ -136,7 +138,7 @@ def test_generated_token_is_kept_in_the_data_dir_with_mode_0600(tmp_path: Path):
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
         token = token_file.read_text().strip()
         assert len(token) >= 32
-        assert token != "test-token"
+        assert token != TOKEN
 
         body = {"name": "m", "architecture": "mlp_bn", "config": {}}
         assert_error(client.post("/v1/models", json=body, headers=AUTH), 401, "unauthorized")
@@ -150,3 +152,58 @@ def test_generated_token_is_kept_in_the_data_dir_with_mode_0600(tmp_path: Path):
         assert (data_dir / "api-token").read_text().strip() == token
         r = client.delete("/v1/models/m", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 204
+
+
+@pytest.mark.parametrize(
+    "content", ["", "\n", "   \n", "short\n"], ids=["empty", "newline", "blank", "short"]
+)
+def test_an_empty_or_short_token_file_is_replaced_never_used(tmp_path: Path, spawn, content):
+    """A full disk on first start used to leave an empty api-token, and `Bearer` alone got in."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    token_file = data_dir / "api-token"
+    token_file.write_text(content)
+    srv = spawn(data_dir, BNSERVE_API_TOKEN="")  # empty: unset, the file decides
+    token = token_file.read_text().strip()
+    assert len(token) >= 32
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    body = {"name": "m", "architecture": "mlp_bn", "config": {}}
+    for bad in {"Bearer", f"Bearer {content.strip()}".strip(), "bearer"}:
+        r = httpx.post(srv.url + "/v1/models", json=body, headers={"Authorization": bad})
+        assert_error(r, 401, "unauthorized")
+    assert httpx.get(srv.url + "/v1/models").json() == []
+    own = {"Authorization": f"Bearer {token}"}
+    assert httpx.post(srv.url + "/v1/models", json=body, headers=own).status_code == 201
+    assert "is empty or short; replacing it" in srv.log()
+
+
+@pytest.mark.parametrize("value", ["short", "   padded-but-short   ", " " * 20])
+def test_a_short_api_token_setting_refuses_the_start_naming_it(tmp_path: Path, value):
+    proc = ServerProcess(tmp_path / "data", {"BNSERVE_API_TOKEN": value})
+    with pytest.raises(RuntimeError, match="server exited") as caught:
+        proc.start()
+    assert "BNSERVE_API_TOKEN must be at least 16 characters" in str(caught.value)
+    assert not (tmp_path / "data" / "api-token").exists()
+
+
+def test_concurrent_first_starts_agree_on_one_token(tmp_path: Path):
+    """Several processes replacing an empty token file at once all end up with the same token."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "api-token").write_text("")
+    code = (
+        "import sys; from service.api.auth import load_or_create_token; "
+        "from service.settings import Settings; "
+        "print(load_or_create_token(Settings(DATA_DIR=sys.argv[1], API_TOKEN=None)))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(data_dir)], cwd=REPO, stdout=subprocess.PIPE
+        )
+        for _ in range(6)
+    ]
+    tokens = {proc.communicate(timeout=120)[0].decode().strip() for proc in procs}
+    assert all(proc.returncode == 0 for proc in procs)
+    assert tokens == {(data_dir / "api-token").read_text().strip()}
+    assert len(tokens.pop()) >= 32
+    assert sorted(p.name for p in data_dir.iterdir()) == [".api-token.lock", "api-token"]

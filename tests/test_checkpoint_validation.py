@@ -225,8 +225,11 @@ def test_sparse_weights_are_refused() -> None:
 
     error = refusal(state, mlp())
 
-    assert error.code == "bad_dtype"
-    assert error.extra["errors"][0]["layout"] == "sparse_coo"
+    assert error.code == "bad_layout"
+    assert error.extra["errors"][0]["found"] == "sparse_coo"
+    assert error.extra["errors"][0]["expected"] == "strided"
+    assert "sparse_coo" in error.detail
+    assert "float32, expected float32" not in error.detail
 
 
 def test_float_num_batches_tracked_is_refused() -> None:

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from sqlalchemy import create_engine, text
 
 from tests.conftest import ServerProcess, create_model, make_settings, upload
+from tests.helpers_jobs import npz_bytes, upload_dataset
 from tests.helpers_serving import (
     Book,
     Served,
@@ -396,3 +398,28 @@ def test_a_checkpoint_whose_bytes_changed_is_refused_not_served(spawn):
         served = Served(predict(c, "m", X))
         assert served.version == 2
         assert close(served.outputs, crashes.book.expected(1, X))
+
+
+def test_dataset_files_agree_with_their_rows_after_a_crash(spawn, tmp_path: Path):
+    """A start removes a dataset file with no row and finishes one whose row was committed."""
+    srv = spawn()
+    x = np.random.default_rng(0).normal(size=(8, 2)).astype(np.float32)
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        r = upload_dataset(c, npz_bytes(x=x, y=np.arange(8) % 2))
+        assert r.status_code == 201, r.text
+        row = r.json()
+    srv.kill()
+    folder = srv.data_dir / "datasets"
+    final = folder / f"{row['sha256']}.npz"
+    # Killed between the row's commit and the rename: the file is still under a dead writer's
+    # temp name (the owner token "0123456789abcdef" holds no lock).
+    final.rename(folder / f".{row['sha256']}.0123456789abcdef.00000000.tmp")
+    # And a file that a crash left under a final name without a row (the old store did that).
+    orphan = folder / f"{'0' * 64}.npz"
+    orphan.write_bytes(b"no row names me")
+
+    srv.start()
+    assert sorted(p.name for p in folder.iterdir()) == [final.name]
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert [d["id"] for d in c.get("/v1/datasets").json()] == [row["id"]]
+    assert "rolled forward" in srv.log()

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess, create_model
+from tests.conftest import REPO, TOKEN, ServerProcess, create_model
 from tests.helpers_jobs import (
     FAST_WORKER_ENV,
     WorkerProcess,
@@ -222,3 +225,58 @@ def test_many_jobs_on_several_workers_each_run_once(request, backend):
         assert len(took_part) >= 2, took_part
         assert all(any(f":{w.pid}:" in name for w in workers) for name in took_part), took_part
         print(f"{backend}: {count} jobs over workers {sorted(took_part)}")
+
+
+def _exited(pid: int) -> bool:
+    """Whether `pid` is gone (or a zombie nobody has reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_workers_exit_when_the_server_that_started_them_is_sigkilled(spawn, tmp_path: Path):
+    server = spawn(BNSERVE_WORKERS="1", **FAST_WORKER_ENV, **STALE)
+    assert server.proc is not None
+    with _client(server) as c:
+        pids = wait_until(lambda: worker_children(server.proc.pid) or None, 30, "a worker child")
+        job_id = _queue_training_job(c)
+        _wait_running_on(c, job_id, pids[0])
+    server.kill()
+    # A few seconds normally; generous for a loaded machine. It used to train on, and promote.
+    wait_until(lambda: _exited(pids[0]) or None, 30, f"worker pid {pids[0]} to exit")
+
+    # It handed its job back on the way out, and stored nothing.
+    again = spawn(tmp_path / "data", BNSERVE_WORKERS="0")
+    with _client(again) as c:
+        job = get_job(c, job_id)
+        assert job["status"] == "queued", job
+        assert job["worker"] is None
+        assert versions(c, "w") == []
+
+
+def test_a_worker_started_by_hand_outlives_the_shell_that_started_it(spawn, tmp_path: Path):
+    server = spawn(BNSERVE_WORKERS="0")
+    log = tmp_path / "hand-worker.log"
+    env = {**os.environ, **server.env, "BNSERVE_DATA_DIR": str(server.data_dir)}
+    env.update({"BNSERVE_API_TOKEN": TOKEN, "BNSERVE_DEVICE": "cpu", "BNSERVE_LOG_LEVEL": "info"})
+    shell = subprocess.run(
+        ["sh", "-c", f'"{sys.executable}" -m service.worker >"{log}" 2>&1 & echo $!'],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    pid = int(shell.stdout.strip())  # its parent, the shell, has exited already
+    try:
+        wait_until(
+            lambda: (log.exists() and "ready" in log.read_text()) or None, 60, "the worker to start"
+        )
+        time.sleep(3)
+        assert not _exited(pid), log.read_text()
+    finally:
+        if not _exited(pid):
+            os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: _exited(pid) or None, 30, f"worker pid {pid} to stop on SIGTERM")

@@ -15,7 +15,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.openapi import allowed_methods
-from service.errors import BNServeError, Overloaded
+from service.errors import BNServeError, Overloaded, shorten
+from service.files import disk_full_cause, insufficient_storage
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,21 @@ _HTTP_CODES = {
 }
 
 
+# A detail is a sentence or a few; past this it is echoing something it should not.
+MAX_DETAIL = 2000
+
+
+def _shortened(value: Any) -> Any:
+    """`value` with every string in it cut to MAX_ECHOED characters (names from the request)."""
+    if isinstance(value, str):
+        return shorten(value)
+    if isinstance(value, dict):
+        return {shorten(str(k)): _shortened(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_shortened(v) for v in value]
+    return value
+
+
 def error_response(
     status: int,
     detail: str,
@@ -38,11 +54,15 @@ def error_response(
     for_path: str = "",
     **extra: Any,
 ) -> JSONResponse:
-    """The error body for a request to `for_path`: the v2 protocol's form on `/v2` paths."""
+    """The error body for a request to `for_path` (the v2 protocol's form on `/v2` paths);
+    echoed names are cut short, so no request is echoed whole."""
+    detail = shorten(detail, MAX_DETAIL)
     if for_path == "/v2" or for_path.startswith("/v2/"):
         status = 400 if status == 422 else status
-        return JSONResponse({"error": detail, "code": code, **extra}, status, headers=headers)
-    return JSONResponse({"detail": detail, "code": code, **extra}, status, headers=headers)
+        body = {"error": detail, "code": code, **_shortened(extra)}
+    else:
+        body = {"detail": detail, "code": code, **_shortened(extra)}
+    return JSONResponse(body, status, headers=headers)
 
 
 async def _domain(request: Request, exc: Exception) -> JSONResponse:
@@ -63,8 +83,8 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [
         {
-            "field": ".".join(str(p) for p in err.get("loc", ()) if p != "body"),
-            "message": err.get("msg", ""),
+            "field": shorten(".".join(str(p) for p in err.get("loc", ()) if p != "body")),
+            "message": shorten(err.get("msg", "")),
             "type": err.get("type", ""),
         }
         for err in exc.errors()
@@ -91,6 +111,12 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    cause = disk_full_cause(exc)
+    if cause is not None:
+        # A full disk in a write no store wraps itself (creating a model or a job on SQLite).
+        full = insufficient_storage(request.app.state.settings.DATA_DIR, cause)
+        log.error("%s %s: %s", request.method, request.url.path, full.detail)
+        return error_response(full.status, full.detail, full.code, **full.extra)
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal server error", "internal_error", for_path=request.url.path)
 

@@ -18,6 +18,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from service.api.deps import Services
 from service.errors import InvalidInput
+from service.files import disk_full_as_error
 
 
 @dataclass
@@ -46,7 +47,8 @@ def upload_form(fields: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def _copy(source: IO[bytes], target: Path) -> None:
-    with open(target, "xb") as handle:
+    """Copy the parsed upload into the data dir; a full disk answers 507 (the caller unlinks)."""
+    with disk_full_as_error(target.parent), open(target, "xb") as handle:
         shutil.copyfileobj(source, handle, 1 << 20)
 
 
@@ -74,7 +76,8 @@ async def received_file(
                 code="unknown_field",
             )
         folder = services.settings.upload_dir
-        folder.mkdir(parents=True, exist_ok=True)
+        with disk_full_as_error(folder):
+            folder.mkdir(parents=True, exist_ok=True)
         path = services.owner.temp_path(folder)
         try:
             await services.run_upload(_copy, upload.file, path)

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from service.errors import CorruptCheckpoint, NotFound
-from service.files import Owner, publish, temp_owner, temp_tag, write_durably
+from service.files import (
+    Owner,
+    disk_full_as_error,
+    publish,
+    temp_owner,
+    temp_tag,
+    write_durably,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +60,13 @@ class CheckpointStore:
         return self.root / model_id
 
     def stage(self, model_id: str, data: bytes) -> StagedCheckpoint:
+        """Write `data` to a temp file (removed again on failure; 507 when the disk is full)."""
         folder = self.model_dir(model_id)
-        folder.mkdir(parents=True, exist_ok=True)
         sha = hashlib.sha256(data).hexdigest()
         temp = self.owner.temp_path(folder, tag=sha)
-        write_durably(temp, [data])
+        with disk_full_as_error(self.root):
+            folder.mkdir(parents=True, exist_ok=True)
+            write_durably(temp, [data])
         return StagedCheckpoint(model_id, temp, sha, len(data))
 
     def publish(self, staged: StagedCheckpoint, version: int) -> str:

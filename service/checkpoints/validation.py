@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from service.errors import InvalidCheckpoint
+from service.errors import InvalidCheckpoint, shorten
 
 # `module.` from nn.DataParallel / DistributedDataParallel, `_orig_mod.` from torch.compile's
 # OptimizedModule; both wrap the real model, and can be stacked in either order.
@@ -29,6 +29,7 @@ _CODES = {
     "unexpected": "unexpected_keys",
     "shape_mismatch": "shape_mismatch",
     "dtype": "bad_dtype",
+    "layout": "bad_layout",
     "non_finite": "non_finite",
     "negative_running_var": "negative_running_var",
 }
@@ -116,6 +117,17 @@ def validate_state_dict(
                 }
             )
             continue
+        if found.layout != torch.strided:
+            # Sparse (or other non-dense) tensors: the dtype may be right, the layout is not.
+            errors.append(
+                {
+                    "key": key,
+                    "problem": "layout",
+                    "expected": "strided",
+                    "found": str(found.layout).removeprefix("torch."),
+                }
+            )
+            continue
         refused = _dtype_refusal(found, ref)
         if refused is not None:
             errors.append({"key": key, "problem": "dtype", "expected": _name(ref.dtype), **refused})
@@ -128,6 +140,8 @@ def validate_state_dict(
         out[key] = value
 
     if errors:
+        for error in errors:  # keys come from the upload: a crafted one may be megabytes long
+            error["key"] = shorten(error["key"])
         raise InvalidCheckpoint(_summary(errors), code=_code(errors), errors=errors)
 
     bn_layers, warnings = _batchnorm_report(model, out, filled)
@@ -168,9 +182,7 @@ def _strip_prefixes(
 
 def _dtype_refusal(found: torch.Tensor, ref: torch.Tensor) -> dict[str, str] | None:
     """Floats may change precision, integer buffers may widen; nothing else changes kind."""
-    # Quantized tensors fail on their dtype below; sparse and meta tensors hold no dense values.
-    if found.layout != torch.strided:
-        return {"found": _name(found.dtype), "layout": str(found.layout).removeprefix("torch.")}
+    # Quantized tensors fail on their dtype below; meta tensors hold no values at all.
     if found.device.type == "meta":
         return {"found": _name(found.dtype), "device": "meta"}
     if ref.is_floating_point():
@@ -276,10 +288,20 @@ def _summary(errors: list[dict[str, Any]]) -> str:
             parts.append(f"{n} shape mismatch{'es' * (n != 1)} ({shown}{more})")
         elif problem == "dtype":
             shown = "; ".join(
-                f"{e['key']}: {e['found']}, expected {e['expected']}" for e in group[:_SHOWN]
+                f"{e['key']}: {e['found']}"
+                + (" on the meta device (no data)" if e.get("device") == "meta" else "")
+                + f", expected {e['expected']}"
+                for e in group[:_SHOWN]
             )
             more = f"; {n - _SHOWN} more" if n > _SHOWN else ""
             parts.append(f"{n} tensor{'s' * (n != 1)} of a dtype it does not take ({shown}{more})")
+        elif problem == "layout":
+            shown = "; ".join(f"{e['key']}: {e['found']}" for e in group[:_SHOWN])
+            more = f"; {n - _SHOWN} more" if n > _SHOWN else ""
+            parts.append(
+                f"{n} tensor{'s' * (n != 1)} not in the dense (strided) layout ({shown}{more}); "
+                "save them with .to_dense()"
+            )
         elif problem == "non_finite":
             parts.append(
                 f"{n} tensor{'s' * (n != 1)} with NaN or Inf ({_keys(e['key'] for e in group)})"

@@ -19,7 +19,7 @@ import torch
 from numpy.lib import format as npy_format
 from safetensors import safe_open
 
-from service.errors import InvalidDataset, PayloadTooLarge
+from service.errors import InvalidDataset, PayloadTooLarge, shorten
 
 # Zip local-file header and the end-of-central-directory record (an empty zip has only the latter);
 # numpy.load recognises `.npz` by the same two prefixes.
@@ -38,6 +38,8 @@ _SAFETENSORS_DTYPE_BYTES = {
 }  # fmt: skip
 
 _ARRAYS = ("x", "y")
+# Member names echoed in an error; a crafted file may hold thousands of them.
+_NAMES_SHOWN = 20
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,8 @@ def _format(path: Path, filename: str) -> Literal["npz", "safetensors"]:
         raise _unreadable(filename, e) from e
     if kind is None:
         raise InvalidDataset(
-            f"{filename!r} is neither an .npz (zip) nor a .safetensors file; save the arrays "
-            "with numpy.savez(f, x=x, y=y) or safetensors' save_file({'x': x, 'y': y}, f)",
+            f"{shorten(filename)!r} is neither an .npz (zip) nor a .safetensors file; save the "
+            "arrays with numpy.savez(f, x=x, y=y) or safetensors' save_file({'x': x, 'y': y}, f)",
             code="unreadable_dataset",
         )
     return kind
@@ -193,9 +195,10 @@ def _sniff_format(path: Path) -> Literal["npz", "safetensors"] | None:
     return None
 
 
-def _missing(filename: str, found: list[str]) -> InvalidDataset:
+def _missing(filename: str, names: list[str]) -> InvalidDataset:
+    found = [shorten(name) for name in names[:_NAMES_SHOWN]]
     return InvalidDataset(
-        f"{filename!r} must hold arrays named 'x' (samples) and 'y' (labels); found "
+        f"{shorten(filename)!r} must hold arrays named 'x' (samples) and 'y' (labels); found "
         f"{sorted(found) or 'none'}",
         code="missing_arrays",
         found=sorted(found),
@@ -203,7 +206,9 @@ def _missing(filename: str, found: list[str]) -> InvalidDataset:
 
 
 def _unreadable(filename: str, err: BaseException) -> InvalidDataset:
-    return InvalidDataset(f"could not read {filename!r}: {err}", code="unreadable_dataset")
+    return InvalidDataset(
+        f"could not read {shorten(filename)!r}: {shorten(str(err))}", code="unreadable_dataset"
+    )
 
 
 def _load_npz(

@@ -1,10 +1,20 @@
 """Training datasets: checked on upload, stored content-addressed by sha256, recorded in the DB.
 
+A dataset is stored like a checkpoint version: the checked upload is renamed to a temp file in
+the dataset folder whose name carries its sha256, its row is committed, then the temp file is
+renamed to `<sha256>.<suffix>`. A failure before the commit (a full disk, a failed insert)
+removes the temp file at once; a crash leaves a dead writer's temp file that `recover` deletes,
+or, after the commit, rolls forward. So a file under its final name always has a row, and a row
+always has its file (or the temp file that becomes it).
+
 Blocking: call from a thread.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import uuid
 from pathlib import Path
 
@@ -14,8 +24,21 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.datasets.reader import DEFAULT_MAX_BYTES, Dataset, read_dataset, read_labels
 from service.db.tables import DatasetRow, utcnow
-from service.errors import CorruptCheckpoint, NotFound
-from service.files import Owner, fsync_file, publish, sha256_file
+from service.errors import CorruptCheckpoint, InvalidInput, NotFound
+from service.files import (
+    Owner,
+    disk_full_as_error,
+    fsync_file,
+    publish,
+    sha256_file,
+    temp_owner,
+    temp_tag,
+)
+
+log = logging.getLogger(__name__)
+
+# The `name` column's length: a longer name is refused rather than cut or left to the driver.
+MAX_NAME_LENGTH: int = DatasetRow.__table__.c.name.type.length  # type: ignore[attr-defined]
 
 
 class DatasetStore:
@@ -35,30 +58,49 @@ class DatasetStore:
 
     def add(self, upload: Path, filename: str, name: str | None) -> DatasetRow:
         """Check an uploaded file, then keep it under its sha256 (identical uploads share it)."""
+        if name is not None and len(name) > MAX_NAME_LENGTH:
+            raise InvalidInput(
+                f"dataset name is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}",
+                code="invalid_name",
+                limit=MAX_NAME_LENGTH,
+            )
         dataset = read_dataset(upload, filename, max_bytes=self.max_bytes)
         sha = sha256_file(upload)
         # By content, not by the client's file name: identical bytes are stored once.
         with open(upload, "rb") as handle:
             suffix = ".npz" if handle.read(4) == b"PK\x03\x04" else ".safetensors"
         final = self.root / f"{sha}{suffix}"
-        if not final.exists():
-            # The upload sits in the same data dir, so the final move is an atomic rename.
-            fsync_file(upload)
-            publish(upload, final)
+        staged = self.owner.temp_path(self.root, tag=sha)
         row = DatasetRow(
             id=uuid.uuid4().hex,
-            name=name or filename or sha[:12],
+            name=name or (filename or sha[:12])[:MAX_NAME_LENGTH],
             sha256=sha,
             num_samples=dataset.num_samples,
             x_shape=list(dataset.x.shape),
             y_shape=list(dataset.y.shape),
             y_kind=dataset.y_kind,
-            size_bytes=final.stat().st_size,
+            size_bytes=upload.stat().st_size,
             filename=final.name,
             created_at=utcnow(),
         )
-        with self._sessions.begin() as session:
-            session.add(row)
+        try:
+            with disk_full_as_error(self.root):
+                # The upload sits in the same data dir, so this is a rename, not a copy.
+                fsync_file(upload)
+                os.replace(upload, staged)
+                with self._sessions.begin() as session:
+                    session.add(row)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        # Even when `final` exists (identical bytes stored before): replacing it with the same
+        # bytes is harmless, and it cannot then be an orphan that a recovery removes meanwhile.
+        try:
+            publish(staged, final)
+        except FileNotFoundError:
+            # Another process's `recover` rolled it forward between our commit and this rename.
+            if not final.exists():
+                raise
         return row
 
     def get(self, dataset_id: str) -> DatasetRow:
@@ -75,6 +117,8 @@ class DatasetStore:
     def load(self, row: DatasetRow) -> Dataset:
         """The stored tensors, refused when the file no longer matches its sha256."""
         path = self.root / row.filename
+        if not path.exists():
+            self._roll_forward(row.filename, row.sha256)
         found = sha256_file(path)
         if found != row.sha256:
             raise CorruptCheckpoint(
@@ -87,5 +131,38 @@ class DatasetStore:
         """Only the stored `y`, as read on upload; `load` (in the worker) checks the sha256."""
         return read_labels(self.root / row.filename, row.filename, max_bytes=self.max_bytes)
 
-    def sweep(self) -> None:
-        self.owner.sweep(self.root)
+    def _roll_forward(self, filename: str, sha256: str) -> bool:
+        """Finish a store that a crash cut between the row's commit and the rename."""
+        temps = [p for p in self.root.iterdir() if temp_owner(p) and temp_tag(p) == sha256]
+        # The same bytes may be staged by a live upload too: a dead writer's file is the lost one.
+        temps.sort(key=lambda p: self.owner.is_alive(temp_owner(p) or ""))
+        if temps:
+            with contextlib.suppress(FileNotFoundError):  # another process finished it first
+                publish(temps[0], self.root / filename)
+        return (self.root / filename).exists()
+
+    def recover(self) -> list[str]:
+        """Make the folder agree with the rows after a crash (run on start); returns what it did.
+
+        The folder is listed before the rows are read: a file gets its final name only after
+        its row is committed, so a listed final file with no row by then really is an orphan.
+        """
+        listed = [p for p in self.root.iterdir() if p.is_file()]
+        with self._sessions.begin() as session:
+            known = dict(session.execute(select(DatasetRow.filename, DatasetRow.sha256)).all())
+        actions: list[str] = []
+        for filename, sha in known.items():
+            if not (self.root / filename).exists() and self._roll_forward(filename, sha):
+                actions.append(f"rolled forward {filename}")
+        for path in listed:
+            if (
+                temp_owner(path) is None
+                and not path.name.startswith(".")
+                and (path.name not in known)
+            ):
+                path.unlink(missing_ok=True)
+                actions.append(f"removed orphan dataset file {path.name}")
+        actions += [f"removed temp file {p.name}" for p in self.owner.sweep(self.root)]
+        for action in actions:
+            log.warning("dataset store recovery: %s", action)
+        return actions

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 from types import FrameType
@@ -9,10 +10,26 @@ from types import FrameType
 import torch
 
 from service.settings import Settings
+from service.worker.parent import tie_to_parent
 from service.worker.runner import Worker
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m service.worker",
+        description="A training worker: claims queued jobs from BNSERVE_DATABASE_URL and runs "
+        "them. Settings come from BNSERVE_* environment variables.",
+    )
+    parser.add_argument(
+        "--parent-fd",
+        type=int,
+        default=None,
+        help="set by the API server that starts this worker: the read end of a pipe it holds; "
+        "the worker stops when the server is gone",
+    )
+    args = parser.parse_args()
+    if args.parent_fd is not None:
+        tie_to_parent(args.parent_fd)  # first, so a server that dies during start-up counts
     settings = Settings()
     logging.basicConfig(
         level=settings.LOG_LEVEL.upper(),

@@ -3,7 +3,8 @@
 Workers are separate processes running exactly `python -m service.worker`, the same program an
 operator runs on another machine: training never shares the API's event loop or GIL. A worker
 that exits is started again (after a pause, so a crash loop cannot spin); on shutdown each gets
-SIGTERM, hands its job back to the queue, and is killed if it has not exited in time.
+SIGTERM, hands its job back to the queue, and is killed if it has not exited in time. Each is
+tied to this process (`service.worker.parent`), so a server killed outright takes them with it.
 """
 
 from __future__ import annotations
@@ -34,10 +35,21 @@ class WorkerSupervisor:
         self._queue = queue
         self._procs: list[subprocess.Popen[bytes]] = []
         self._loop: PeriodicLoop | None = None
+        # The pipe whose write end ties the workers to this process's life.
+        self._tie: tuple[int, int] | None = None
 
     def _spawn(self) -> subprocess.Popen[bytes]:
+        """Start a worker tied to this process (service/worker/parent.py): it dies with us."""
         env = {**os.environ, **settings_env(self._settings)}
-        proc = subprocess.Popen([sys.executable, "-m", "service.worker"], env=env)
+        if self._tie is None:
+            # Both ends close-on-exec: only the workers get the read end, through pass_fds.
+            self._tie = os.pipe()
+        read_fd = self._tie[0]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.worker", "--parent-fd", str(read_fd)],
+            env=env,
+            pass_fds=(read_fd,),
+        )
         log.info("started training worker pid %d", proc.pid)
         return proc
 
@@ -79,6 +91,10 @@ class WorkerSupervisor:
                 log.warning("worker pid %d did not stop in time; killing it", proc.pid)
                 proc.kill()
                 proc.wait()
+        if self._tie is not None:
+            for fd in self._tie:
+                os.close(fd)
+            self._tie = None
 
 
 @contextlib.contextmanager

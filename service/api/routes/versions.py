@@ -17,6 +17,7 @@ from service.api.schemas import PromoteResult, VersionPublic
 from service.api.uploads import received_file, upload_form
 from service.errors import BNServeError, InvalidInput
 from service.publishing import prepare_upload, publish
+from service.registry import MAX_VERSION
 
 router = APIRouter(prefix="/v1/models/{name}/versions", tags=["versions"])
 
@@ -25,7 +26,7 @@ FORM: dict[str, dict[str, Any]] = {
     "promote": {"type": "boolean", "default": True},
     "note": {"type": "string"},
 }
-VersionNumber = Annotated[int, PathParam(ge=1)]
+VersionNumber = Annotated[int, PathParam(ge=1, le=MAX_VERSION)]
 # Small enough that many downloads at once hold little, large enough that threads hop rarely.
 _CHUNK_BYTES = 256 * 1024
 
