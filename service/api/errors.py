@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api.openapi import allowed_methods
+from service.api.openapi import allowed_methods, is_v2_path
 from service.errors import BNServeError, Overloaded
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def error_response(
     **extra: Any,
 ) -> JSONResponse:
     """The error body for a request to `for_path`: the v2 protocol's form on `/v2` paths."""
-    if for_path == "/v2" or for_path.startswith("/v2/"):
+    if is_v2_path(for_path):
         status = 400 if status == 422 else status
         return JSONResponse({"error": detail, "code": code, **extra}, status, headers=headers)
     return JSONResponse({"detail": detail, "code": code, **extra}, status, headers=headers)
