@@ -25,6 +25,7 @@ from models import get_architecture
 from service.api.deps import ReadAuth, Services, ServicesDep
 from service.api.openapi import component_ref, v2_errors
 from service.api.routes.health import server_readiness
+from service.api.routes.predict import MAX_VERSION
 from service.api.v2_codec import (
     INPUT_NAME,
     Decoded,
@@ -43,7 +44,8 @@ router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 # costs more than the work, so it runs on the event loop.
 OFFLOAD_BYTES = 64 * 1024
 
-VersionPath = Annotated[int, Path(ge=1, description="a stored version number")]
+# At most SQLite's largest integer: a larger one was a 500 (OverflowError) in the registry.
+VersionPath = Annotated[int, Path(ge=1, le=MAX_VERSION, description="a stored version number")]
 
 _BINARY = {"type": "string", "format": "binary"}
 _BYTE_COUNT = {"type": "integer", "minimum": 0}
@@ -278,21 +280,25 @@ async def _infer(request: Request, services: Services, name: str, version: int |
     return Response(content, media_type="application/octet-stream", headers=headers)
 
 
-_INFER = {
-    "dependencies": [ReadAuth],
-    "response_model": InferResponse,
-    "openapi_extra": _INFER_DOC,
-    "responses": _INFER_RESPONSES,
-}
-
-
-@router.post("/models/{name}/infer", **_INFER)
+@router.post(
+    "/models/{name}/infer",
+    dependencies=[ReadAuth],
+    response_model=InferResponse,
+    openapi_extra=_INFER_DOC,
+    responses=_INFER_RESPONSES,
+)
 async def infer(request: Request, name: str, services: ServicesDep) -> Response:
     """Outputs of the serving version for the request's `input` batch (JSON or binary)."""
     return await _infer(request, services, name, None)
 
 
-@router.post("/models/{name}/versions/{version}/infer", **_INFER)
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    dependencies=[ReadAuth],
+    response_model=InferResponse,
+    openapi_extra=_INFER_DOC,
+    responses=_INFER_RESPONSES,
+)
 async def infer_version(
     request: Request, name: str, version: VersionPath, services: ServicesDep
 ) -> Response:

@@ -10,6 +10,7 @@ from fastapi import Path as PathParam
 
 from service.api.deps import ReadAuth, ServicesDep, WriteAuth
 from service.api.openapi import errors
+from service.api.routes.predict import MAX_VERSION
 from service.api.schemas import PromoteResult, VersionPublic
 from service.api.uploads import received_file, upload_form
 from service.errors import BNServeError, InvalidInput
@@ -22,7 +23,8 @@ FORM: dict[str, dict[str, Any]] = {
     "promote": {"type": "boolean", "default": True},
     "note": {"type": "string"},
 }
-VersionNumber = Annotated[int, PathParam(ge=1)]
+# At most SQLite's largest integer: a larger one was a 500 (OverflowError) in the registry.
+VersionNumber = Annotated[int, PathParam(ge=1, le=MAX_VERSION)]
 
 
 def _parse_bool(value: str | None, field: str, default: bool) -> bool:
