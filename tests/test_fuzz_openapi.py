@@ -23,6 +23,7 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import strategies as st
+from schemathesis.core.parameters import ParameterLocation
 from schemathesis.transport.requests import REQUESTS_TRANSPORT, binary_serializer
 from schemathesis.transport.serialization import Binary
 
@@ -35,6 +36,7 @@ from tests.helpers_jobs import blobs, dataset_id, npz_bytes
 REQUESTS_TRANSPORT.serializer("application/x-npy")(binary_serializer)
 
 MODEL = "fuzzed"
+X = [[0.5, -1.0], [1.5, 0.25]]  # a batch of two inputs of the model (mlp_bn, 2 features)
 MAX_EXAMPLES = 25
 SEED = 20240901
 
@@ -47,6 +49,9 @@ SEMANTIC_REFUSALS = {
     ("POST", "/v1/models/{name}/predict"): ["422"],  # inputs of the model's input shape
     ("POST", "/v1/datasets"): ["400", "422"],  # an .npz or .safetensors file with x and y
     ("POST", "/v1/jobs"): ["422"],  # the dataset must fit the model, a train job needs lr...
+    # The protocol's 400 for all of these: an `input` of the model's shape, known outputs.
+    ("POST", "/v2/models/{name}/infer"): ["400"],
+    ("POST", "/v2/models/{name}/versions/{version}/infer"): ["400"],
 }
 ACCEPTED = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"]  # schemathesis' default
 
@@ -64,10 +69,13 @@ class Targets:
         train = {"epochs": 1, "lr": 0.1, "batch_size": 8, "optimizer": "sgd", "promote": "never"}
         # Per operation path: values for the query and the body that a real request would send.
         self.query = {"/v1/models/{name}/predict": {"version": 1}}
+        infer = {"inputs": [{"name": "input", "shape": [2, 2], "datatype": "FP32", "data": X}]}
         self.body: dict[str, dict[str, Any]] = {
             "/v1/models": {"architecture": "mlp_bn", "config": {}},
-            "/v1/models/{name}/predict": {"inputs": [[0.5, -1.0], [1.5, 0.25]]},
+            "/v1/models/{name}/predict": {"inputs": X},
             "/v1/jobs": {**job, **train},
+            "/v2/models/{name}/infer": infer,
+            "/v2/models/{name}/versions/{version}/infer": infer,
         }
         self.files = {
             "/v1/models/{name}/versions": pt_bytes(trained_state_dict("mlp_bn", 1)),
@@ -117,10 +125,31 @@ def _aim_at_targets(_context: Any, case: Any) -> st.SearchStrategy[Any]:
             current = getattr(case, container)
             if use and (isinstance(current, dict) or current is None):
                 setattr(case, container, {**(current or {}), **real})
+                if container == "body":
+                    _forget_body_mutations(case)
         return case
 
     n = len(overlays)
     return st.lists(st.booleans(), min_size=n, max_size=n).map(apply)
+
+
+def _forget_body_mutations(case: Any) -> None:
+    """Drop the record of a negated body that the real body replaced.
+
+    Revalidation judges the new body, but the fuzzing phase's list of mutations still names the
+    old one, and while it does schemathesis does not apply its own rule that undeclared query
+    parameters alone are no violation (FastAPI ignores them on every route, as the fast path
+    does): a negated body replaced by a real one plus an extra `?x=1` was taken for a
+    schema-violating request that the server accepted.
+    """
+    data = case.meta.phase.data if case.meta is not None else None
+    mutations = getattr(data, "mutations", ())
+    if any(m.parameter_location == ParameterLocation.BODY for m in mutations):
+        data.mutations = tuple(
+            m for m in mutations if m.parameter_location != ParameterLocation.BODY
+        )
+        if data.parameter_location == ParameterLocation.BODY:
+            data.parameter_location = None
 
 
 def _real_file(context: Any, body: Any) -> st.SearchStrategy[Any]:
@@ -150,8 +179,8 @@ def _schema() -> Any:
             "phases": {"stateful": {"enabled": False}},
             "operations": [
                 {
-                    "include-method": method,
-                    "include-path": path,
+                    # By name: `include-method` and `include-path` together match either.
+                    "include-name": f"{method} {path}",
                     "checks": {"positive_data_acceptance": {"expected-statuses": ACCEPTED + extra}},
                 }
                 for (method, path), extra in SEMANTIC_REFUSALS.items()

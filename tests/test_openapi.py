@@ -19,6 +19,9 @@ from tests.helpers_api import assert_error, running, serve, snapshot, stored_fil
 from tests.helpers_jobs import blobs, dataset_id, npz_bytes
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
+V2_ERROR_REF = {"$ref": "#/components/schemas/V2ErrorBody"}
+# Their non-2xx answers are readiness reports, not errors.
+READINESS = {("get", "/readyz"), ("get", "/v2/health/ready")}
 WRITES = {
     ("post", "/v1/models"),
     ("delete", "/v1/models/{name}"),
@@ -55,10 +58,52 @@ def test_every_documented_error_is_the_contract_body(client):
     body = document["components"]["schemas"]["ErrorBody"]
     assert set(body["required"]) == {"detail", "code"}
     assert body["additionalProperties"] is True
+    v2_body = document["components"]["schemas"]["V2ErrorBody"]
+    assert set(v2_body["required"]) == {"error", "code"}
     for key, operation in _operations(document).items():
+        v2 = key[1].startswith("/v2")
         for status in operation["responses"]:
-            if status.startswith(("4", "5")) and key != ("get", "/readyz"):
-                assert _error_schema(operation, status) == ERROR_REF, (key, status)
+            if status.startswith(("4", "5")) and key not in READINESS:
+                assert _error_schema(operation, status) == (V2_ERROR_REF if v2 else ERROR_REF), (
+                    key,
+                    status,
+                )
+        if v2:  # the protocol answers a bad request with 400, never 422
+            assert "422" not in operation["responses"], key
+
+
+def test_v2_errors_are_the_documented_protocol_body_with_400(client):
+    serve(client, "m")
+    r = client.post("/v2/models/m/infer", json={"inputs": []})
+    assert r.status_code == 400, r.text
+    assert set(r.json()) >= {"error", "code"}, r.json()
+    assert "detail" not in r.json(), r.json()
+    infer = _operations(_document(client))[("post", "/v2/models/{name}/infer")]
+    assert {"400", "404", "409", "413", "503"} <= infer["responses"].keys()
+    assert set(infer["requestBody"]["content"]) == {"application/json", "application/octet-stream"}
+    assert set(infer["responses"]["200"]["content"]) == {
+        "application/json",
+        "application/octet-stream",
+    }
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/models/m/versions/9223372036854775808",
+        "/v1/models/m/versions/99999999999999999999/weights",
+        "/v2/models/m/versions/9223372036854775808",
+        "/v2/models/m/versions/99999999999999999999/ready",
+    ],
+)
+def test_a_version_beyond_sqlite_integers_is_refused_not_a_500(client, path):
+    serve(client, "m")
+    r = client.get(path)
+    if path.startswith("/v2"):
+        assert r.status_code == 400, r.text
+        assert r.json()["code"] == "validation_error", r.json()
+    else:
+        assert_error(r, 422, "validation_error")
 
 
 def test_writes_document_the_bearer_scheme_and_401_and_reads_do_not(client):
@@ -85,7 +130,10 @@ def test_with_protect_reads_every_v1_operation_documents_the_token(tmp_path: Pat
     with running(tmp_path / "data", PROTECT_READS=True) as (_, client):
         operations = _operations(_document(client))
         for (method, path), operation in operations.items():
-            protected = path.startswith("/v1/")
+            # /v2 as /v1, but its health probes answer without a token, as /healthz does.
+            protected = path.startswith("/v1/") or (
+                path.startswith("/v2") and not path.startswith("/v2/health/")
+            )
             assert ("security" in operation) is protected, (method, path)
             assert ("401" in operation["responses"]) is protected, (method, path)
         r = client.get("/v1/models")
@@ -96,7 +144,8 @@ def test_bodies_document_400_and_413_and_routes_their_own_errors(client):
     operations = _operations(_document(client))
     for key, operation in operations.items():
         if "requestBody" in operation:
-            assert {"400", "413", "422"} <= operation["responses"].keys(), key
+            refused = "400" if key[1].startswith("/v2") else "422"
+            assert {"400", "413", refused} <= operation["responses"].keys(), key
     predict = operations[("post", "/v1/models/{name}/predict")]["responses"]
     assert {"404", "409", "422", "503"} <= predict.keys()
     assert {"404", "409"} <= operations[("post", "/v1/jobs/{job_id}/cancel")]["responses"].keys()

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api.openapi import allowed_methods
+from service.api.openapi import allowed_methods, is_v2_path
 from service.errors import BNServeError, Overloaded, shorten
 from service.files import disk_full_cause, insufficient_storage
 
@@ -57,7 +57,7 @@ def error_response(
     """The error body for a request to `for_path` (the v2 protocol's form on `/v2` paths);
     echoed names are cut short, so no request is echoed whole."""
     detail = shorten(detail, MAX_DETAIL)
-    if for_path == "/v2" or for_path.startswith("/v2/"):
+    if is_v2_path(for_path):
         status = 400 if status == 422 else status
         body = {"error": detail, "code": code, **_shortened(extra)}
     else:

@@ -5,7 +5,11 @@ adds what follows from the app as a whole: the bearer scheme (the Authorize butt
 with `security` and a 401 on exactly the operations that check the token (FastAPI marks those
 whose dependencies declare it; reads keep the mark only with BNSERVE_PROTECT_READS); a 400 and a
 413 on every operation with a body (any body can be undecodable or over the limit); and the
-contract's error body in place of FastAPI's `HTTPValidationError` for 422.
+contract's error body in place of FastAPI's `HTTPValidationError` for 422. On the Open Inference
+Protocol's paths (`/v2...`) errors are its `V2ErrorBody` and a bad request is a 400, never a 422
+(`service.api.errors`), so those routes name theirs with `v2_errors(...)` and the completion
+follows suit. Models that a route documents by hand (`openapi_extra`, for bodies it reads itself)
+come in through `component_ref`.
 `tests/test_fuzz_openapi.py` holds every response of a real server to this document.
 """
 
@@ -15,10 +19,12 @@ import json
 from typing import Any
 
 from fastapi import FastAPI
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.routing import compile_path
 
 from service.api.deps import BEARER_SCHEME, READ_BEARER_SCHEME
-from service.api.schemas import ErrorBody
+from service.api.schemas import ErrorBody, V2ErrorBody
 from service.settings import Settings
 
 _MEANINGS = {
@@ -33,7 +39,19 @@ _MEANINGS = {
     503: "Overloaded: retry after the `Retry-After` header's seconds",
     507: "The data dir's disk is full; nothing partial was kept",
 }
-_ERROR_REF = f"#/components/schemas/{ErrorBody.__name__}"
+_V2_MEANINGS = {
+    **_MEANINGS,
+    400: "Bad request: invalid input or path, a malformed body, or the model is not ready "
+    "(the protocol answers each with 400)",
+}
+_REF = "#/components/schemas/{model}"
+# Models a route documents by hand, added to the document's components by `install_openapi`.
+_COMPONENTS: dict[str, type[BaseModel]] = {}
+
+
+def is_v2_path(path: str) -> bool:
+    """Whether `path` (a request's, or a template) is the Open Inference Protocol's."""
+    return path == "/v2" or path.startswith("/v2/")
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -41,9 +59,23 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody, "description": _MEANINGS[status]} for status in statuses}
 
 
-def _error_response(status: int) -> dict[str, Any]:
-    content = {"application/json": {"schema": {"$ref": _ERROR_REF}}}
-    return {"description": _MEANINGS[status], "content": content}
+def v2_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a `/v2` route: each status answered with the protocol's error body."""
+    return {
+        status: {"model": V2ErrorBody, "description": _V2_MEANINGS[status]} for status in statuses
+    }
+
+
+def component_ref(model: type[BaseModel]) -> dict[str, str]:
+    """A `$ref` to `model` for `openapi_extra`; the model (and those it nests) become components."""
+    _COMPONENTS[model.__name__] = model
+    return {"$ref": _REF.format(model=model.__name__)}
+
+
+def _error_response(status: int, v2: bool) -> dict[str, Any]:
+    body = V2ErrorBody if v2 else ErrorBody
+    content = {"application/json": {"schema": {"$ref": _REF.format(model=body.__name__)}}}
+    return {"description": (_V2_MEANINGS if v2 else _MEANINGS)[status], "content": content}
 
 
 def _complete(schema: dict[str, Any], settings: Settings) -> None:
@@ -51,22 +83,32 @@ def _complete(schema: dict[str, Any], settings: Settings) -> None:
     schemes = components.setdefault("securitySchemes", {})
     schemes.pop(READ_BEARER_SCHEME, None)
     schemas = components.setdefault("schemas", {})
-    schemas.setdefault(
-        ErrorBody.__name__, ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
-    )
+    for body in (ErrorBody, V2ErrorBody):
+        schemas.setdefault(body.__name__, body.model_json_schema(ref_template=_REF))
+    if _COMPONENTS:
+        _, extra = models_json_schema(
+            [(model, "validation") for model in _COMPONENTS.values()], ref_template=_REF
+        )
+        for name, definition in extra.get("$defs", {}).items():
+            schemas.setdefault(name, definition)
     guarded = {BEARER_SCHEME, READ_BEARER_SCHEME} if settings.PROTECT_READS else {BEARER_SCHEME}
-    for path_item in schema.get("paths", {}).values():
+    for path, path_item in schema.get("paths", {}).items():
+        v2 = is_v2_path(path)
         for operation in path_item.values():
             responses = operation.setdefault("responses", {})
             if any(guarded & requirement.keys() for requirement in operation.pop("security", [])):
                 operation["security"] = [{BEARER_SCHEME: []}]
-                responses["401"] = _error_response(401)
+                responses["401"] = _error_response(401, v2)
             if "requestBody" in operation:
                 # Any body can be undecodable (FastAPI answers 400) or over the limit.
-                responses.setdefault("400", _error_response(400))
-                responses.setdefault("413", _error_response(413))
+                responses.setdefault("400", _error_response(400, v2))
+                responses.setdefault("413", _error_response(413, v2))
             if "HTTPValidationError" in json.dumps(responses.get("422", {})):
-                responses["422"] = _error_response(422)
+                if v2:  # a request FastAPI refuses is a 400 there
+                    del responses["422"]
+                    responses.setdefault("400", _error_response(400, v2))
+                else:
+                    responses["422"] = _error_response(422, v2)
     if "#/components/schemas/HTTPValidationError" not in json.dumps(schema):
         schemas.pop("HTTPValidationError", None)
         schemas.pop("ValidationError", None)

@@ -20,6 +20,15 @@ class ErrorBody(BaseModel):
     code: str = Field(description="a stable snake_case name of the problem", examples=["not_found"])
 
 
+class V2ErrorBody(BaseModel):
+    """Every error answer on `/v2` paths: the Open Inference Protocol's form, with our `code`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str = Field(description="what is wrong, and what to do about it")
+    code: str = Field(description="a stable snake_case name of the problem", examples=["not_found"])
+
+
 class Health(BaseModel):
     status: str
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import orjson
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.errors import InvalidInput, PayloadTooLarge
 from service.serving.inputs import check_array
@@ -74,6 +74,27 @@ class InferRequest(_Open):
     parameters: dict[str, Any] | None = None
     inputs: list[InferInputTensor]
     outputs: list[InferRequestedOutput] | None = None
+
+
+class InferOutputTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="`binary_data_size` when the tensor follows the JSON header"
+    )
+    # None for a non-finite value (JSON has no NaN or Infinity), as on /v1.
+    data: list[float | None] | None = Field(default=None, description="row-major values")
+
+
+class InferResponse(BaseModel):
+    """The response's JSON object (its header, when binary outputs follow it); documentation
+    only: `encode_response` writes it with orjson."""
+
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[InferOutputTensor]
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ Health, server and model metadata, model readiness and infer, also under
 `/v2/models/{name}/versions/{v}/...` (a pinned version, as `?version=N` on /v1). Errors here have
 the protocol's form `{"error": ..., "code": ...}`, and bad requests answer 400 where /v1 answers
 422 (the protocol's status for a bad request); every other status is /v1's (see
-`service.api.errors`). Tensors are read and written by `service.api.v2_codec`.
+`service.api.errors`), and the document says so (`v2_errors`). Tensors are read and written by
+`service.api.v2_codec`; an infer body in the binary tensor extension is documented as binary
+(`application/octet-stream`), which is all OpenAPI can say of a JSON header followed by raw bytes.
 """
 
 from __future__ import annotations
@@ -21,10 +23,14 @@ from pydantic import BaseModel
 
 from models import get_architecture
 from service.api.deps import ReadAuth, Services, ServicesDep
+from service.api.openapi import component_ref, v2_errors
 from service.api.routes.health import server_readiness
+from service.api.routes.predict import MAX_VERSION
 from service.api.v2_codec import (
     INPUT_NAME,
     Decoded,
+    InferRequest,
+    InferResponse,
     decode_request,
     decompress,
     encode_response,
@@ -38,7 +44,50 @@ router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 # costs more than the work, so it runs on the event loop.
 OFFLOAD_BYTES = 64 * 1024
 
-VersionPath = Annotated[int, Path(ge=1, description="a stored version number")]
+# At most SQLite's largest integer: a larger one was a 500 (OverflowError) in the registry.
+VersionPath = Annotated[int, Path(ge=1, le=MAX_VERSION, description="a stored version number")]
+
+_BINARY = {"type": "string", "format": "binary"}
+_BYTE_COUNT = {"type": "integer", "minimum": 0}
+# The infer body is read by `_infer` itself (no pydantic body parameter), so it is documented here.
+_INFER_DOC: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "Inference-Header-Content-Length",
+            "in": "header",
+            "required": False,
+            "schema": _BYTE_COUNT,
+            "description": "binary tensor extension: the length of the JSON header that the "
+            "raw input tensors follow",
+        }
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": component_ref(InferRequest)},
+            "application/octet-stream": {
+                "schema": _BINARY,
+                "description": "binary tensor extension: the JSON request "
+                "(Inference-Header-Content-Length bytes), then each input's raw little-endian "
+                "bytes (its parameters.binary_data_size)",
+            },
+        },
+    },
+}
+_INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the outputs: JSON, or with binary outputs a JSON header and raw tensors",
+        "content": {"application/octet-stream": {"schema": _BINARY}},
+        "headers": {
+            "X-Model-Version": {"schema": {"type": "integer"}},
+            "Inference-Header-Content-Length": {
+                "schema": _BYTE_COUNT,
+                "description": "with binary outputs: the length of the JSON header",
+            },
+        },
+    },
+    **v2_errors(400, 404, 409, 503),
+}
 
 
 class ServerMetadata(BaseModel):
@@ -51,6 +100,17 @@ class TensorMetadata(BaseModel):
     name: str
     datatype: str
     shape: list[int]
+
+
+class ServerReadiness(BaseModel):
+    ready: bool
+    models: dict[str, dict[str, Any]]
+
+
+class ModelReadiness(BaseModel):
+    name: str
+    version: str
+    ready: bool
 
 
 class ModelMetadata(BaseModel):
@@ -79,7 +139,11 @@ async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/health/ready", responses={400: {"description": "not ready"}})
+@router.get(
+    "/health/ready",
+    response_model=ServerReadiness,
+    responses={400: {"model": ServerReadiness, "description": "not ready"}},
+)
 async def ready(services: ServicesDep) -> JSONResponse:
     """Like /readyz, but 400 when not ready: the protocol's (and Triton's) status for false."""
     report = await server_readiness(services)
@@ -110,20 +174,20 @@ async def _metadata(services: Services, name: str, version: int | None) -> Model
     )
 
 
-@router.get("/models/{name}", dependencies=[ReadAuth])
+@router.get("/models/{name}", dependencies=[ReadAuth], responses=v2_errors(404))
 async def model_metadata(name: str, services: ServicesDep) -> ModelMetadata:
     """Inputs and outputs of the model; `versions` lists every stored version."""
     return await _metadata(services, name, None)
 
 
-@router.get("/models/{name}/versions/{version}", dependencies=[ReadAuth])
+@router.get("/models/{name}/versions/{version}", dependencies=[ReadAuth], responses=v2_errors(404))
 async def model_version_metadata(
     name: str, version: VersionPath, services: ServicesDep
 ) -> ModelMetadata:
     return await _metadata(services, name, version)
 
 
-async def _model_ready(services: Services, name: str, version: int | None) -> dict[str, Any]:
+async def _model_ready(services: Services, name: str, version: int | None) -> ModelReadiness:
     """Ready when an infer would be answered now: the serving (or pinned) version is loaded,
     loading it first if this process does not hold it yet, exactly as infer would."""
     try:
@@ -133,18 +197,22 @@ async def _model_ready(services: Services, name: str, version: int | None) -> di
     except BNServeError as exc:
         # The base error answers 400: the protocol's "not ready".
         raise BNServeError(f"model {name!r} is not ready: {exc.detail}", code=exc.code) from None
-    return {"name": name, "version": str(handle.version), "ready": True}
+    return ModelReadiness(name=name, version=str(handle.version), ready=True)
 
 
-@router.get("/models/{name}/ready", dependencies=[ReadAuth])
-async def model_ready(name: str, services: ServicesDep) -> dict[str, Any]:
+@router.get("/models/{name}/ready", dependencies=[ReadAuth], responses=v2_errors(400, 404))
+async def model_ready(name: str, services: ServicesDep) -> ModelReadiness:
     return await _model_ready(services, name, None)
 
 
-@router.get("/models/{name}/versions/{version}/ready", dependencies=[ReadAuth])
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    dependencies=[ReadAuth],
+    responses=v2_errors(400, 404),
+)
 async def model_version_ready(
     name: str, version: VersionPath, services: ServicesDep
-) -> dict[str, Any]:
+) -> ModelReadiness:
     return await _model_ready(services, name, version)
 
 
@@ -214,13 +282,25 @@ async def _infer(request: Request, services: Services, name: str, version: int |
     return Response(content, media_type="application/octet-stream", headers=headers)
 
 
-@router.post("/models/{name}/infer", dependencies=[ReadAuth])
+@router.post(
+    "/models/{name}/infer",
+    dependencies=[ReadAuth],
+    response_model=InferResponse,
+    openapi_extra=_INFER_DOC,
+    responses=_INFER_RESPONSES,
+)
 async def infer(request: Request, name: str, services: ServicesDep) -> Response:
     """Outputs of the serving version for the request's `input` batch (JSON or binary)."""
     return await _infer(request, services, name, None)
 
 
-@router.post("/models/{name}/versions/{version}/infer", dependencies=[ReadAuth])
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    dependencies=[ReadAuth],
+    response_model=InferResponse,
+    openapi_extra=_INFER_DOC,
+    responses=_INFER_RESPONSES,
+)
 async def infer_version(
     request: Request, name: str, version: VersionPath, services: ServicesDep
 ) -> Response:

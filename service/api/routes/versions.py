@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from service.api.deps import ReadAuth, ServicesDep, WriteAuth
 from service.api.openapi import errors
+from service.api.routes.predict import MAX_VERSION
 from service.api.schemas import PromoteResult, VersionPublic
 from service.api.uploads import received_file, upload_form
 from service.errors import BNServeError, InvalidInput
@@ -26,6 +27,7 @@ FORM: dict[str, dict[str, Any]] = {
     "promote": {"type": "boolean", "default": True},
     "note": {"type": "string"},
 }
+# At most SQLite's largest integer: a larger one was a 500 (OverflowError) in the registry.
 VersionNumber = Annotated[int, PathParam(ge=1, le=MAX_VERSION)]
 # Small enough that many downloads at once hold little, large enough that threads hop rarely.
 _CHUNK_BYTES = 256 * 1024
