@@ -13,6 +13,7 @@ from service.api.schemas import PromoteResult, VersionPublic
 from service.api.uploads import received_file, upload_form
 from service.errors import BNServeError, InvalidInput
 from service.publishing import prepare_upload, publish
+from service.serving.optimize import OptimizeOptions
 
 router = APIRouter(prefix="/v1/models/{name}/versions", tags=["versions"])
 
@@ -52,7 +53,12 @@ async def upload_version(name: str, request: Request, services: ServicesDep) -> 
             promote = _parse_bool(received.text("promote"), "promote", default=True)
             async with services.upload_lock(name):
                 prepared = await asyncio.to_thread(
-                    prepare_upload, model, received.path, received.filename, services.device
+                    prepare_upload,
+                    model,
+                    received.path,
+                    received.filename,
+                    services.device,
+                    OptimizeOptions.from_settings(services.settings),
                 )
                 row = await asyncio.to_thread(
                     publish, registry, prepared, source="upload", note=received.text("note")
@@ -69,20 +75,24 @@ async def upload_version(name: str, request: Request, services: ServicesDep) -> 
         raise
     finally:
         services.metrics.uploads.labels(outcome).inc()
-    return VersionPublic.of(row, serving)
+    return VersionPublic.of(row, serving, services.manager.loaded_report(name, row.version))
 
 
 @router.get("", dependencies=[ReadAuth])
 async def list_versions(name: str, services: ServicesDep) -> list[VersionPublic]:
     model = await asyncio.to_thread(services.registry.get_model, name)
-    return [VersionPublic.of(v, model.serving_version) for v in model.versions]
+    report = services.manager.loaded_report
+    return [
+        VersionPublic.of(v, model.serving_version, report(name, v.version)) for v in model.versions
+    ]
 
 
 @router.get("/{version}", dependencies=[ReadAuth])
 async def get_version(name: str, version: VersionNumber, services: ServicesDep) -> VersionPublic:
     model = await asyncio.to_thread(services.registry.get_model, name)
     row = await asyncio.to_thread(services.registry.get_version, name, version)
-    return VersionPublic.of(row, model.serving_version)
+    optimizations = services.manager.loaded_report(name, version)
+    return VersionPublic.of(row, model.serving_version, optimizations)
 
 
 @router.get(
