@@ -3,9 +3,10 @@
 In eval mode a BatchNorm is a fixed per-channel affine map, so it folds into the Conv/Linear
 before it: the module is traced with torch.fx and each fold uses PyTorch's own formulas
 (`torch.nn.utils.fusion.fuse_*_bn_weights`). The pass is that of
-`torch.fx.experimental.optimization.fuse` with three changes: it handles `bn_affine=False`
-(`fuse_linear_bn_eval` fails on it), it leaves alone a layer called at two places, and it avoids
-that module's deprecated torch.jit import. `channels_last` is kept only where a short
+`torch.fx.experimental.optimization.fuse` with four changes: it handles `bn_affine=False`
+(`fuse_linear_bn_eval` fails on it), it leaves alone a layer called at two places, it serves the
+module's own class rather than a GraphModule, and it avoids that module's deprecated torch.jit
+import. `channels_last` is kept only where a short
 measurement at load says it is faster, and `torch.compile` only when asked for, compiled and
 warmed here so that no request pays for it.
 
@@ -151,10 +152,17 @@ class _Run:
         )
         return False
 
-    def timed(self, name: str, fn: Callable[[], nn.Module]) -> nn.Module:
+    def step(self, name: str, fn: Callable[[], nn.Module], current: nn.Module) -> nn.Module:
+        """Run one step, timed; one that raises (a plugin's forward that cannot take the new
+        layout, say) leaves `current` serving and says why."""
         start = time.perf_counter()
         try:
             return fn()
+        except Exception as exc:
+            self.fallbacks.append(
+                f"{name} failed ({type(exc).__name__}: {_first_line(exc)}), so it is not applied"
+            )
+            return current
         finally:
             self.report.timings_ms[name] = _ms(time.perf_counter() - start)
 
@@ -173,20 +181,24 @@ def optimize(
     options = options or OptimizeOptions()
     start = time.perf_counter()
     run = _Run(plain, input_shape, device)
-    served = run.timed("fold", lambda: _fold(plain, run))
+    served = run.step("fold", lambda: _fold(plain, run), plain)
     folded = served
-    served = run.timed(
-        "memory_format",
+    served = run.step(
+        "channels_last",
         lambda: _choose_memory_format(folded, input_shape, device, options.channels_last, run),
+        folded,
     )
     if options.compile:
         uncompiled = served
-        served = run.timed("compile", lambda: _compile(uncompiled, input_shape, options, run))
+        served = run.step(
+            "compile", lambda: _compile(uncompiled, input_shape, options, run), uncompiled
+        )
     if served is not plain:
         try:
             run_gate(served, input_shape, device)
-        except GateFailed as exc:
-            run.fallbacks.append(f"the optimized module failed the gate ({exc}); serving it plain")
+        except Exception as exc:
+            why = str(exc) if isinstance(exc, GateFailed) else f"{type(exc).__name__}: {exc}"
+            run.fallbacks.append(f"the optimized module failed the gate ({why}); serving it plain")
             served = plain
             run.report = OptimizationReport(timings_ms=run.report.timings_ms)
     report = run.report
@@ -213,34 +225,36 @@ def _fold(plain: nn.Module, run: _Run) -> nn.Module:
 
 
 def fold_batchnorm(plain: nn.Module) -> tuple[nn.Module, int]:
-    """A traced copy of eval-mode `plain` with BatchNorms folded into their Conv/Linear, and how
-    many were folded; raises if torch.fx cannot trace it. `plain` is left untouched.
+    """A copy of eval-mode `plain` with BatchNorms folded into their Conv/Linear (each folded BN
+    replaced by `nn.Identity`), and how many were folded; raises if torch.fx cannot trace it.
 
-    A BN is folded only when its input is the output of a Conv (same rank) or Linear used
-    nowhere else, and that layer is called at this one place (a shared layer serves other call
-    sites too). Linear->BatchNorm1d is right only on (N, C) inputs; the probe check catches the
-    (N, C, L) case, where the BN's channels are not the Linear's features.
+    torch.fx only finds the pairs: the copy keeps its own class and forward, so nothing of fx
+    stays in the served module (a GraphModule is full of reference cycles, which would keep an
+    evicted version's tensors alive until the cyclic garbage collector ran). A BN is folded only
+    when it is called at one place, on the output of a Conv (same rank) or Linear that is used
+    nowhere else and called at that one place. Linear->BatchNorm1d is right only on (N, C)
+    inputs; the probe check catches the (N, C, L) case, where the BN's channels are not the
+    Linear's features.
     """
-    copied = copy.deepcopy(plain)  # the traced module's leaves are its own, never plain's
-    traced = fx.symbolic_trace(copied)
-    modules = dict(traced.named_modules())
-    call_sites = Counter(n.target for n in traced.graph.nodes if n.op == "call_module")
+    folded = copy.deepcopy(plain)  # its own tensors: plain stays intact for the check
+    tracer = fx.Tracer()
+    graph = tracer.trace(folded)
+    # The tracer ends up in a reference cycle (through the closures it patched in while tracing)
+    # and holds the module it traced; emptying it lets reference counting free `folded` later.
+    vars(tracer).clear()
+    modules = dict(folded.named_modules())
+    call_sites = Counter(n.target for n in graph.nodes if n.op == "call_module")
     count = 0
-    for node in list(traced.graph.nodes):
+    for node in graph.nodes:
         layer = _foldable_layer(node, modules, call_sites)
         if layer is None:
             continue
         bn = modules[str(node.target)]
         assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
         _fold_into(layer, bn)
-        node.replace_all_uses_with(node.args[0])
-        traced.graph.erase_node(node)
+        folded.set_submodule(str(node.target), nn.Identity())
         count += 1
-    traced.graph.lint()
-    traced.delete_all_unused_submodules()
-    traced.recompile()
-    # GraphModule's root and the containers it creates start in train mode.
-    return traced.eval().requires_grad_(False), count
+    return folded.eval().requires_grad_(False), count
 
 
 def _foldable_layer(
@@ -254,6 +268,8 @@ def _foldable_layer(
     source = node.args[0]
     if producers is None or not isinstance(source, fx.Node) or source.op != "call_module":
         return None
+    if call_sites[node.target] != 1:
+        return None  # the Identity that replaces it would serve the other call site too
     assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
     if bn.running_mean is None or bn.running_var is None:
         return None  # track_running_stats=False: batch statistics, nothing fixed to fold
