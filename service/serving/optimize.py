@@ -1,20 +1,14 @@
 """Serving-time optimizations of a gated eval-mode module, each one proven before it may serve.
 
-In eval mode a BatchNorm is a fixed per-channel affine map, so it folds into the Conv/Linear
-before it: the module is traced with torch.fx and each fold uses PyTorch's own formulas
-(`torch.nn.utils.fusion.fuse_*_bn_weights`). The pass is that of
-`torch.fx.experimental.optimization.fuse` with four changes: it handles `bn_affine=False`
-(`fuse_linear_bn_eval` fails on it), it leaves alone a layer called at two places, it serves the
-module's own class rather than a GraphModule, and it avoids that module's deprecated torch.jit
-import. `channels_last` is kept only where a short
-measurement at load says it is faster, and `torch.compile` only when asked for, compiled and
-warmed here so that no request pays for it.
+BatchNorms are folded into the Conv/Linear before them (`folding.py`); `channels_last` is kept
+only where a short interleaved timing at load says it is faster; `torch.compile` only when
+asked for, compiled and warmed here so that no request pays for it.
 
 Every step is checked against the plain eval module on a seeded probe batch (8 samples, and a
-batch of one): a step whose outputs move by more than `MAX_ABS_DIFF` is dropped and the report
-says why. Folding moves resnet18's logits by ~5e-7, so 1e-4 leaves room for kernel rounding but
-not for a wrong fold (a Linear->BatchNorm1d over the wrong axis moves them by ~0.1-1). A module
-torch.fx cannot trace (data-dependent control flow in a plugin) is served as it was.
+batch of one): a step whose outputs move by more than `MAX_ABS_DIFF`, or that raises, is dropped
+and the report says why. Folding moves resnet18's logits by ~5e-7, so 1e-4 leaves room for
+kernel rounding but not for a wrong fold (one over the wrong axis moved a test model's outputs
+by 1.9). The result passes the gate again before it may serve.
 
 Measured on the 2-core development machine (torch 2.13 CPU, resnet18 cifar stem, medians of
 noisy runs): batch 1 plain 19.7 ms, folded 19.5 ms, folded+channels_last 17.8 ms; batch 32 plain
@@ -26,16 +20,15 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
-from torch import fx, nn
-from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
+from torch import nn
 
 from service.errors import GateFailed
+from service.serving.folding import NotFoldable, count_batchnorm, fold_batchnorm
 from service.serving.gate import run_gate
 from service.settings import Settings
 
@@ -50,11 +43,6 @@ TIMING_ROUNDS = 5
 # Time for the timed rounds (after one warm-up pair); at least one round always runs.
 TIMING_BUDGET_S = 0.3
 
-_FOLDS_INTO: dict[type[nn.Module], tuple[type[nn.Module], ...]] = {
-    nn.BatchNorm1d: (nn.Conv1d, nn.Linear),
-    nn.BatchNorm2d: (nn.Conv2d,),
-    nn.BatchNorm3d: (nn.Conv3d,),
-}
 _CONVS_BY_RANK: dict[int, tuple[type[nn.Module], torch.memory_format]] = {
     4: (nn.Conv2d, torch.channels_last),
     5: (nn.Conv3d, torch.channels_last_3d),
@@ -202,7 +190,7 @@ def optimize(
             served = plain
             run.report = OptimizationReport(timings_ms=run.report.timings_ms)
     report = run.report
-    report.bn_left = _count_bn(served)
+    report.bn_left = count_batchnorm(served)
     report.fallback = "; ".join(run.fallbacks) or None
     report.timings_ms["total"] = _ms(time.perf_counter() - start)
     return served, report
@@ -211,96 +199,14 @@ def optimize(
 def _fold(plain: nn.Module, run: _Run) -> nn.Module:
     """`plain` with every BatchNorm that follows a Conv/Linear folded into it, if that checks."""
     try:
-        folded, count = fold_batchnorm(plain)
-    except Exception as exc:
-        run.fallbacks.append(
-            "BatchNorm folding skipped: the module could not be copied and traced by torch.fx "
-            f"({type(exc).__name__}: {_first_line(exc)})"
-        )
+        folded, count = fold_batchnorm(plain, run.probes[-1])
+    except NotFoldable as exc:
+        run.fallbacks.append(f"BatchNorm folding skipped: {exc}")
         return plain
     if count == 0 or not run.accept("BatchNorm folding", folded):
         return plain
     run.report.bn_folded = count
     return folded
-
-
-def fold_batchnorm(plain: nn.Module) -> tuple[nn.Module, int]:
-    """A copy of eval-mode `plain` with BatchNorms folded into their Conv/Linear (each folded BN
-    replaced by `nn.Identity`), and how many were folded; raises if torch.fx cannot trace it.
-
-    torch.fx only finds the pairs: the copy keeps its own class and forward, so nothing of fx
-    stays in the served module (a GraphModule is full of reference cycles, which would keep an
-    evicted version's tensors alive until the cyclic garbage collector ran). A BN is folded only
-    when it is called at one place, on the output of a Conv (same rank) or Linear that is used
-    nowhere else and called at that one place. Linear->BatchNorm1d is right only on (N, C)
-    inputs; the probe check catches the (N, C, L) case, where the BN's channels are not the
-    Linear's features.
-    """
-    folded = copy.deepcopy(plain)  # its own tensors: plain stays intact for the check
-    tracer = fx.Tracer()
-    graph = tracer.trace(folded)
-    # The tracer ends up in a reference cycle (through the closures it patched in while tracing)
-    # and holds the module it traced; emptying it lets reference counting free `folded` later.
-    vars(tracer).clear()
-    modules = dict(folded.named_modules())
-    call_sites = Counter(n.target for n in graph.nodes if n.op == "call_module")
-    count = 0
-    for node in graph.nodes:
-        layer = _foldable_layer(node, modules, call_sites)
-        if layer is None:
-            continue
-        bn = modules[str(node.target)]
-        assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
-        _fold_into(layer, bn)
-        folded.set_submodule(str(node.target), nn.Identity())
-        count += 1
-    return folded.eval().requires_grad_(False), count
-
-
-def _foldable_layer(
-    node: fx.Node, modules: dict[str, nn.Module], call_sites: Counter[Any]
-) -> nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear | None:
-    """The Conv/Linear that BN `node` can be folded into, or None."""
-    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
-        return None
-    bn = modules[str(node.target)]
-    producers = _FOLDS_INTO.get(type(bn))
-    source = node.args[0]
-    if producers is None or not isinstance(source, fx.Node) or source.op != "call_module":
-        return None
-    if call_sites[node.target] != 1:
-        return None  # the Identity that replaces it would serve the other call site too
-    assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
-    if bn.running_mean is None or bn.running_var is None:
-        return None  # track_running_stats=False: batch statistics, nothing fixed to fold
-    layer = modules[str(source.target)]
-    if type(layer) not in producers or len(source.users) != 1 or call_sites[source.target] != 1:
-        return None
-    out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-    if out != bn.num_features:
-        return None
-    assert isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear)
-    return layer
-
-
-def _fold_into(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear, bn: nn.Module) -> None:
-    """Give `layer` the weights of layer-then-BN in eval mode (PyTorch's own fusion formulas)."""
-    assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
-    mean, var = bn.running_mean, bn.running_var
-    assert mean is not None
-    assert var is not None
-    # bn_affine=False has no weight or bias: the identity scale and shift.
-    gamma = bn.weight if bn.weight is not None else torch.ones_like(mean)
-    beta = bn.bias if bn.bias is not None else torch.zeros_like(mean)
-    if isinstance(layer, nn.Linear):
-        weight, bias = fuse_linear_bn_weights(
-            layer.weight, layer.bias, mean, var, bn.eps, gamma, beta
-        )
-    else:
-        weight, bias = fuse_conv_bn_weights(
-            layer.weight, layer.bias, mean, var, bn.eps, gamma, beta
-        )
-    layer.weight, layer.bias = weight, bias
 
 
 def _choose_memory_format(
@@ -377,10 +283,6 @@ def _time_pair(
             if time.perf_counter() > deadline:
                 break
     return _ms(statistics.median(times_a)), _ms(statistics.median(times_b))
-
-
-def _count_bn(module: nn.Module) -> int:
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
 def _sync(device: torch.device) -> None:
