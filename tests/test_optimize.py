@@ -1,7 +1,8 @@
-"""Serving-time optimizations (`service/serving/optimize.py`): every built-in architecture gives the
-plain eval module's outputs after folding (and channels_last), folds that would be wrong or
-cannot be traced fall back with a reason, the plain module does not outlive the load, and a
-real server reports what it applied and still answers like plain PyTorch."""
+"""Serving-time optimizations (`service/serving/optimize.py`, `folding.py`): every built-in
+architecture gives the plain eval module's outputs after folding (and channels_last), folds that
+would be wrong or cannot be analysed fall back with a reason, loading never disturbs forwards in
+other threads, the plain module does not outlive the load, and a real server reports what it
+applied and still answers like plain PyTorch."""
 
 from __future__ import annotations
 
@@ -308,7 +309,7 @@ def test_a_fold_that_changes_the_outputs_falls_back_to_the_plain_module() -> Non
     assert "not applied" in report.fallback
 
 
-def test_an_untraceable_module_is_served_as_it_was() -> None:
+def test_data_dependent_control_flow_is_served_as_it_was() -> None:
     plain = trained(DataDependent(), (3,))
     served, report = optimize(plain, (3,), CPU)
     assert served is plain

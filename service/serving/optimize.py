@@ -10,9 +10,10 @@ and the report says why. Folding moves resnet18's logits by ~5e-7, so 1e-4 leave
 kernel rounding but not for a wrong fold (one over the wrong axis moved a test model's outputs
 by 1.9). The result passes the gate again before it may serve.
 
-Measured on the 2-core development machine (torch 2.13 CPU, resnet18 cifar stem, medians of
-noisy runs): batch 1 plain 19.7 ms, folded 19.5 ms, folded+channels_last 17.8 ms; batch 32 plain
-~380 ms, folded ~400 ms (noise), folded+channels_last ~305 ms.
+Measured in-process on the 2-core development machine (torch 2.13 CPU, resnet18 cifar stem,
+32x32, medians of interleaved runs; the machine is shared, so expect +-20%): quiet, 2 threads,
+batch 1 plain 19.7 ms, folded 19.5, folded+channels_last 17.8; batch 32 ~380, ~400 (noise),
+~305. Under contention, 1 thread: batch 1 57.9, 59.1, 51.7; batch 32 1102, 1491, 893.
 """
 
 from __future__ import annotations
