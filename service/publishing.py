@@ -19,6 +19,7 @@ from service.checkpoints.validation import state_dict_to_safetensors, validate_s
 from service.db.tables import ModelRow, VersionRow
 from service.registry import Registry
 from service.serving.loaded import LoadedModel, build_loaded
+from service.serving.optimize import OptimizeOptions
 
 
 @dataclass
@@ -34,6 +35,7 @@ def prepare(
     device: torch.device,
     *,
     report_extra: dict[str, Any] | None = None,
+    options: OptimizeOptions | None = None,
 ) -> Prepared:
     """Validate, canonicalize, load and gate a state_dict for `model` (blocking)."""
     arch = get_architecture(model.architecture)
@@ -50,12 +52,19 @@ def prepare(
         config=config,
         state_dict=canonical,
         device=device,
+        options=options,
     )
     return Prepared(data=data, report=report.model_dump(mode="json"), loaded=loaded)
 
 
 def prepare_upload(
-    model: ModelRow, path: Path, filename: str, device: torch.device, *, max_bytes: int
+    model: ModelRow,
+    path: Path,
+    filename: str,
+    device: torch.device,
+    options: OptimizeOptions | None = None,
+    *,
+    max_bytes: int,
 ) -> Prepared:
     """Read an uploaded file without running pickle code, then `prepare` it.
 
@@ -67,6 +76,7 @@ def prepare_upload(
         state_dict,
         device,
         report_extra={"format": info.format, "unwrapped_from": info.unwrapped_from},
+        options=options,
     )
 
 

@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     # Samples waiting across all batchers before new predictions get 503 + Retry-After.
     MAX_QUEUED_SAMPLES: int = Field(4096, ge=1)
     PREDICT_TIMEOUT_S: float = Field(30.0, gt=0)
+    # torch.compile each loaded version (compiled and warmed before it serves; seconds per load).
+    COMPILE: bool = False
     # Loaded non-serving versions kept for `?version=N` (LRU); serving versions never count.
     VERSION_CACHE_SIZE: int = Field(2, ge=0)
     # Loads of `?version=N` versions from disk at once; more get 503 rather than thrash.

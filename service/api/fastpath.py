@@ -21,8 +21,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.api.auth import check_bearer
 from service.api.deps import Services
 from service.api.errors import response_for
-from service.api.routes.predict import MAX_VERSION, answer
+from service.api.routes.predict import answer
 from service.errors import InvalidInput
+from service.registry import MAX_VERSION
 
 _PREDICT = re.compile(r"/v1/models/([^/]+)/predict")
 

@@ -81,9 +81,16 @@ class VersionPublic(BaseModel):
     report: dict[str, Any]
     lineage: dict[str, Any] | None
     serving: bool
+    # The serving-time optimizations applied where this process has the version loaded; else null.
+    optimizations: dict[str, Any] | None = None
 
     @classmethod
-    def of(cls, row: VersionRow, serving_version: int | None) -> VersionPublic:
+    def of(
+        cls,
+        row: VersionRow,
+        serving_version: int | None,
+        optimizations: dict[str, Any] | None = None,
+    ) -> VersionPublic:
         return cls(
             version=row.version,
             sha256=row.sha256,
@@ -94,6 +101,7 @@ class VersionPublic(BaseModel):
             report=row.report,
             lineage=row.lineage,
             serving=row.version == serving_version,
+            optimizations=optimizations,
         )
 
 

@@ -1,7 +1,9 @@
-"""A version ready to serve: its module built, filled, on the device, in eval mode and gated."""
+"""A version ready to serve: its module built, filled, on the device, in eval mode, gated, then
+optimized for serving (`optimize.py`) and gated again."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +12,9 @@ from torch import nn
 
 from models import ArchConfig, Architecture
 from service.serving.gate import run_gate
+from service.serving.optimize import OptimizationReport, OptimizeOptions, optimize
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -25,6 +30,7 @@ class LoadedModel:
     task: str
     labels: list[str] | None
     extra: dict[str, Any] = field(default_factory=dict)
+    optimizations: OptimizationReport = field(default_factory=OptimizationReport)
 
     @property
     def is_classifier(self) -> bool:
@@ -46,8 +52,13 @@ def build_loaded(
     config: ArchConfig,
     state_dict: dict[str, torch.Tensor],
     device: torch.device,
+    options: OptimizeOptions | None = None,
 ) -> LoadedModel:
-    """Build, fill (strict), move, switch to eval and gate; blocking, so call from a thread."""
+    """Build, fill (strict), move, switch to eval, gate, optimize; blocking, so call from a thread.
+
+    The plain module is kept only for the optimizations' check; the LoadedModel holds the
+    optimized one alone (or the plain one, where nothing could be applied).
+    """
     module = architecture.build(config)
     module.load_state_dict(state_dict, strict=True)
     module.to(device)
@@ -56,15 +67,20 @@ def build_loaded(
         param.requires_grad_(False)
     input_shape = tuple(config.input_shape())
     run_gate(module, input_shape, device)
+    served, report = optimize(module, input_shape, device, options)
+    del module
+    which = f"version {version}" if version else "a new version"
+    log.info("loaded %s %s for serving: %s", name, which, report.summary())
     return LoadedModel(
         name=name,
         version=version,
         sha256=sha256,
         architecture=architecture,
         config=config,
-        module=module,
+        module=served,
         device=device,
         input_shape=input_shape,
         task=config.task,
         labels=config.labels(),
+        optimizations=report,
     )

@@ -33,6 +33,7 @@ from service.registry import Registry
 from service.serving.batcher import Admission, Batcher
 from service.serving.device import release_memory
 from service.serving.loaded import LoadedModel, build_loaded
+from service.serving.optimize import OptimizeOptions
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -330,6 +331,7 @@ class ModelManager:
             config=arch.parse_config(model.config),
             state_dict=state_dict_from_safetensors(data),
             device=self.device,
+            options=OptimizeOptions.from_settings(self._settings),
         )
 
     # Following the database
@@ -397,3 +399,10 @@ class ModelManager:
                 "cached": [v for (n, v) in self._cache if n == name],
             }
         return out
+
+    def loaded_report(self, name: str, version: int) -> dict[str, object] | None:
+        """What serving-time optimizations a version loaded here has; None if not loaded here."""
+        serving = self._serving.get(name)
+        handle = serving if serving is not None and serving.version == version else None
+        handle = handle or self._cache.get((name, version))
+        return None if handle is None else handle.loaded.optimizations.as_dict()

@@ -28,6 +28,7 @@ from service.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from service.registry import MAX_VERSION
 from service.serving.inputs import (
     decode_npy,
     decode_raw_float32,
@@ -43,7 +44,6 @@ router = APIRouter(prefix="/v1/models/{name}", tags=["predictions"], dependencie
 # thread, so one big request cannot stall every other connection.
 INLINE_BYTES = 64 * 1024
 INLINE_OUTPUT_VALUES = 4096
-MAX_VERSION = 2**63 - 1
 
 _BODY_DOC: dict[str, Any] = {
     "requestBody": {

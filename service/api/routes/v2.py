@@ -25,7 +25,6 @@ from models import get_architecture
 from service.api.deps import ReadAuth, Services, ServicesDep
 from service.api.openapi import component_ref, v2_errors
 from service.api.routes.health import server_readiness
-from service.api.routes.predict import MAX_VERSION
 from service.api.v2_codec import (
     INPUT_NAME,
     Decoded,
@@ -36,6 +35,7 @@ from service.api.v2_codec import (
     encode_response,
 )
 from service.errors import BNServeError, NotFound, Overloaded
+from service.registry import MAX_VERSION
 from service.serving.loaded import LoadedModel
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])

@@ -13,12 +13,12 @@ from fastapi.responses import StreamingResponse
 
 from service.api.deps import ReadAuth, ServicesDep, WriteAuth
 from service.api.openapi import errors
-from service.api.routes.predict import MAX_VERSION
 from service.api.schemas import PromoteResult, VersionPublic
 from service.api.uploads import received_file, upload_form
 from service.errors import BNServeError, InvalidInput
 from service.publishing import prepare_upload, publish
 from service.registry import MAX_VERSION
+from service.serving.optimize import OptimizeOptions
 
 router = APIRouter(prefix="/v1/models/{name}/versions", tags=["versions"])
 
@@ -70,6 +70,7 @@ async def upload_version(name: str, request: Request, services: ServicesDep) -> 
                     received.path,
                     received.filename,
                     services.device,
+                    OptimizeOptions.from_settings(services.settings),
                     max_bytes=services.settings.MAX_UPLOAD_BYTES,
                 )
                 row = await services.run_upload(
@@ -87,20 +88,24 @@ async def upload_version(name: str, request: Request, services: ServicesDep) -> 
         raise
     finally:
         services.metrics.uploads.labels(outcome).inc()
-    return VersionPublic.of(row, serving)
+    return VersionPublic.of(row, serving, services.manager.loaded_report(name, row.version))
 
 
 @router.get("", dependencies=[ReadAuth], responses=errors(404))
 async def list_versions(name: str, services: ServicesDep) -> list[VersionPublic]:
     model = await asyncio.to_thread(services.registry.get_model, name)
-    return [VersionPublic.of(v, model.serving_version) for v in model.versions]
+    report = services.manager.loaded_report
+    return [
+        VersionPublic.of(v, model.serving_version, report(name, v.version)) for v in model.versions
+    ]
 
 
 @router.get("/{version}", dependencies=[ReadAuth], responses=errors(404))
 async def get_version(name: str, version: VersionNumber, services: ServicesDep) -> VersionPublic:
     model = await asyncio.to_thread(services.registry.get_model, name)
     row = await asyncio.to_thread(services.registry.get_version, name, version)
-    return VersionPublic.of(row, model.serving_version)
+    optimizations = services.manager.loaded_report(name, version)
+    return VersionPublic.of(row, model.serving_version, optimizations)
 
 
 @router.get(
