@@ -168,6 +168,8 @@ class JobProgress(BaseModel):
     epochs: int = 0
     step: int = 0
     steps: int = 0
+    # Epochs this attempt took from the job's saved state instead of running them (0: none).
+    resumed_from_epoch: int = 0
 
 
 class JobPublic(BaseModel):
