@@ -87,7 +87,7 @@ def test_interrupted_job_resumes_and_equals_an_uninterrupted_run(spawn, start_wo
         first = start_worker(server)
         reference = wait_job(c, reference_id, timeout=180)
         assert reference["status"] == "succeeded", reference
-        assert reference["progress"]["resumed_from_epoch"] == 0
+        assert reference["resumed_from_epoch"] == 0
         assert not _state_file(server, reference_id).exists()  # removed when the job ended
 
         job_id = start_job(c, **body)
@@ -112,8 +112,8 @@ def test_interrupted_job_resumes_and_equals_an_uninterrupted_run(spawn, start_wo
 
         assert job["status"] == "succeeded", job
         assert f":{second.pid}:" in job["worker"]
-        resumed_from = job["progress"]["resumed_from_epoch"]
-        assert STOP_AFTER <= resumed_from < JOB["epochs"], job["progress"]
+        resumed_from = job["resumed_from_epoch"]
+        assert STOP_AFTER <= resumed_from < JOB["epochs"], job
         assert f"resumes after epoch {resumed_from} of {JOB['epochs']}" in second.log()
         assert job["metrics"] == reference["metrics"]
         ours, theirs = _version(c, job["result_version"]), _version(c, reference["result_version"])
@@ -139,7 +139,7 @@ def test_a_saved_state_of_another_run_is_not_used(spawn, start_worker):
         worker = start_worker(server)
         job = wait_job(c, job_id, timeout=120)
         assert job["status"] == "succeeded", job
-        assert job["progress"]["resumed_from_epoch"] == 0
+        assert job["resumed_from_epoch"] == 0
         assert [m["epoch"] for m in job["metrics"]] == [1, 2]
         assert "another run's; starting over" in worker.log()
         assert not _state_file(server, job_id).exists()

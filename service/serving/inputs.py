@@ -107,7 +107,8 @@ def decode_npy(
         array = np.load(io.BytesIO(body), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise InvalidInput(
-            f"body is not a readable .npy array without pickles ({exc}); {_expected(input_shape)}",
+            f"body is not a readable .npy array without pickles ({exc}); "
+            f"{_expected(input_shape)}",
             code="invalid_npy",
             expected_shape=list(input_shape),
         ) from None
