@@ -168,8 +168,6 @@ class JobProgress(BaseModel):
     epochs: int = 0
     step: int = 0
     steps: int = 0
-    # Epochs this attempt took from the job's saved state instead of running them (0: none).
-    resumed_from_epoch: int = 0
 
 
 class JobPublic(BaseModel):
@@ -187,6 +185,8 @@ class JobPublic(BaseModel):
     promoted: bool | None
     error: str | None
     attempts: int
+    # Epochs this attempt took from the job's saved state instead of running them (0: none).
+    resumed_from_epoch: int
     worker: str | None
     created_at: datetime
     started_at: datetime | None
@@ -217,6 +217,7 @@ class JobPublic(BaseModel):
             promoted=row.promoted,
             error=row.error,
             attempts=row.attempts,
+            resumed_from_epoch=int((row.progress or {}).get("resumed_from_epoch", 0)),
             worker=row.worker_id,
             created_at=row.created_at,
             started_at=row.started_at,
