@@ -30,6 +30,7 @@ from service.registry import Registry
 from service.serving.device import resolve_device
 from service.serving.manager import ModelManager
 from service.settings import Settings
+from service.worker.resume import ResumeStore
 from service.worker.supervisor import WorkerSupervisor
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def build_services(settings: Settings) -> Services:
     owner.sweep(settings.upload_dir)
     owner.sweep_owners()
     jobs = JobQueue(sessions)
+    ResumeStore(settings.resume_dir, owner).sweep(jobs)
     if settings.DEMO:
         seed_demo(settings, registry, datasets, jobs, owner)
     device = resolve_device(settings.DEVICE)

@@ -74,6 +74,12 @@ class JobQueue:
         with self._sessions.begin() as session:
             return list(session.scalars(query))
 
+    def statuses(self, job_ids: list[str]) -> dict[str, str]:
+        """The status of each of `job_ids` that still exists."""
+        with self._sessions.begin() as session:
+            rows = session.execute(select(JobRow.id, JobRow.status).where(JobRow.id.in_(job_ids)))
+            return {job_id: status for job_id, status in rows}
+
     def cancel(self, job_id: str) -> JobRow:
         """A queued job ends at once; a running one is flagged and its worker stops it."""
         with self._sessions.begin() as session:
@@ -154,6 +160,16 @@ class JobQueue:
                 row.metrics = [*row.metrics, metrics]
                 if progress is not None:
                     row.progress = progress
+
+    def restore_epochs(
+        self, job_id: str, worker_id: str, metrics: list[dict[str, Any]], progress: dict[str, Any]
+    ) -> None:
+        """Put back the metrics of the epochs a resumed job does not run again (one write)."""
+        with self._sessions.begin() as session:
+            row = session.get(JobRow, job_id, with_for_update=True)
+            if row is not None and row.worker_id == worker_id and row.status == "running":
+                row.metrics = list(metrics)
+                row.progress = progress
 
     def finish(
         self,

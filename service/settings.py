@@ -163,6 +163,11 @@ class Settings(BaseSettings):
         return self.DATA_DIR / "uploads"
 
     @property
+    def resume_dir(self) -> Path:
+        """Training jobs' per-epoch states, so an interrupted job resumes instead of restarting."""
+        return self.DATA_DIR / "resume"
+
+    @property
     def token_file(self) -> Path:
         return self.DATA_DIR / "api-token"
 

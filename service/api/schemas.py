@@ -226,6 +226,8 @@ class JobPublic(BaseModel):
     promoted: bool | None
     error: str | None
     attempts: int
+    # Epochs this attempt took from the job's saved state instead of running them (0: none).
+    resumed_from_epoch: int
     worker: str | None
     created_at: datetime
     started_at: datetime | None
@@ -256,6 +258,7 @@ class JobPublic(BaseModel):
             promoted=row.promoted,
             error=row.error,
             attempts=row.attempts,
+            resumed_from_epoch=int((row.progress or {}).get("resumed_from_epoch", 0)),
             worker=row.worker_id,
             created_at=row.created_at,
             started_at=row.started_at,

@@ -10,13 +10,15 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+
+from service.training.state import TrainState, capture_rng, restore_rng
 
 # (epoch, step, steps): epochs and steps count from 1, `steps` is the number in this epoch.
 StepCallback = Callable[[int, int, int], None]
@@ -220,6 +222,8 @@ def train(
     on_step: StepCallback | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     device: torch.device = _CPU,
+    resume: TrainState | None = None,
+    on_state: Callable[[TrainState], None] | None = None,
 ) -> TrainResult:
     """Train `model` in place on (x, y) and return its weights, metrics and validation split.
 
@@ -227,10 +231,19 @@ def train(
     moved to `device`, put in train mode and its weights and BatchNorm buffers change. It is left
     in eval mode when this returns or raises. With the same seed and the same initial weights,
     two runs on CPU give bit-identical weights.
+
+    `on_state` gets the full state at the end of every epoch (before `on_epoch`); `train(...,
+    resume=that state)` with the same data and params continues after that epoch and ends with
+    the same weights and metrics, bit for bit on CPU, as a run that never stopped.
     """
     _check_task(task)
     _check_data(x, y, task)
     seed = params.seed if params.seed is not None else secrets.randbits(63)
+    if resume is not None and (resume.seed != seed or resume.epoch > params.epochs):
+        raise ValueError(
+            f"the saved state (seed {resume.seed}, epoch {resume.epoch}) does not belong to a "
+            f"run of {params.epochs} epochs with seed {seed}"
+        )
     # Global seed for what the model draws itself (Dropout); local generators for the data order.
     torch.manual_seed(seed)
     n = int(x.shape[0])
@@ -247,6 +260,15 @@ def train(
     l1_params = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     x_val, y_val = x[val_idx], y[val_idx]
     metrics: list[EpochMetrics] = []
+    done = 0
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(
+            {"state": resume.optimizer, "param_groups": optimizer.state_dict()["param_groups"]}
+        )
+        restore_rng(resume.rng, order_gen, device)
+        metrics = [EpochMetrics(**m) for m in resume.metrics]
+        done = resume.epoch
 
     def result(stopped: bool) -> TrainResult:
         last = metrics[-1] if metrics else None
@@ -266,7 +288,7 @@ def train(
         )
 
     try:
-        for epoch in range(1, params.epochs + 1):
+        for epoch in range(done + 1, params.epochs + 1):
             model.train()
             order = train_idx[torch.randperm(train_idx.numel(), generator=order_gen)]
             loss_sum = 0.0
@@ -307,6 +329,17 @@ def train(
                 val_accuracy=val_acc,
             )
             metrics.append(epoch_metrics)
+            if on_state is not None:
+                on_state(
+                    TrainState(
+                        epoch=epoch,
+                        seed=seed,
+                        metrics=[asdict(m) for m in metrics],
+                        model=model.state_dict(),
+                        optimizer=optimizer.state_dict()["state"],
+                        rng=capture_rng(order_gen, device),
+                    )
+                )
             if on_epoch is not None:
                 on_epoch(epoch_metrics)
         return result(stopped=False)

@@ -8,8 +8,10 @@ is one database update that every API process follows.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -20,11 +22,13 @@ from torch import nn
 from models import get_architecture
 from service.checkpoints.validation import state_dict_from_safetensors
 from service.datasets.store import DatasetStore
-from service.db.tables import JobRow, ModelRow
+from service.db.tables import DatasetRow, JobRow, ModelRow
 from service.publishing import prepare, publish
 from service.registry import Registry
 from service.training.recalibration import recalibrate_bn
+from service.training.state import TrainState
 from service.training.trainer import EpochMetrics, TrainParams, compare, evaluate, train
+from service.worker.resume import ResumeStore
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,10 @@ class JobHooks:
     on_epoch: Callable[[dict[str, Any]], None]
     # Atomically marks the job as publishing unless it was cancelled; False means cancelled.
     begin_publishing: Callable[[], bool]
+    # Whether this worker still holds the job (it was not cancelled or taken from it).
+    holds_job: Callable[[], bool] = lambda: True
+    # A resumed job's metrics of the epochs it will not run again, with its progress.
+    on_resume: Callable[[list[dict[str, Any]], dict[str, Any]], None] = lambda _m, _p: None
 
 
 def resolve_base(job: JobRow, model: ModelRow) -> int | None:
@@ -69,27 +77,63 @@ def _weights(registry: Registry, name: str, version: int) -> dict[str, torch.Ten
     return state_dict_from_safetensors(data)
 
 
+def _identity(job: JobRow, model: ModelRow, dataset: DatasetRow) -> dict[str, Any]:
+    """What a saved training state must match to be resumed: this job, model, data and params."""
+    identity = {
+        "job_id": job.id,
+        "kind": job.kind,
+        "model_id": model.id,
+        "architecture": model.architecture,
+        "config": model.config,
+        "dataset_sha256": dataset.sha256,
+        "base_version": job.base_version,
+        "params": job.params,
+    }
+    # As it reads back from the file's JSON, so the two compare equal when they are the same.
+    normalized: dict[str, Any] = json.loads(json.dumps(identity))
+    return normalized
+
+
+def _saved_state(
+    states: ResumeStore, job: JobRow, identity: dict[str, Any]
+) -> tuple[TrainState, dict[str, Any]] | None:
+    saved = states.load(job.id)
+    if saved is None:
+        return None
+    if saved[1].get("identity") != identity:
+        log.warning("job %s: the saved training state is another run's; starting over", job.id)
+        states.remove(job.id)
+        return None
+    return saved
+
+
 def run_job(
     job: JobRow,
     registry: Registry,
     datasets: DatasetStore,
     device: torch.device,
     hooks: JobHooks,
+    states: ResumeStore | None = None,
 ) -> Outcome:
     model = registry.get_model(job.model_name)
     if model.id != job.model_id:
         raise ValueError(f"model {job.model_name!r} was deleted and created again")
     arch = get_architecture(model.architecture)
     config = arch.parse_config(model.config)
-    parent = resolve_base(job, model)
-    seed = _seed(job)
+    dataset_row = datasets.get(job.dataset_id)
+    identity = _identity(job, model, dataset_row)
+    saved = _saved_state(states, job, identity) if states and job.kind == "train" else None
+    if saved is not None:
+        # The parent and the seed of the run that saved it (a drawn seed, "serving" as it was).
+        parent, seed = saved[1]["parent_version"], saved[0].seed
+    else:
+        parent, seed = resolve_base(job, model), _seed(job)
     # Fresh weights are drawn from the global RNG, so the job's seed must decide them too:
     # otherwise the same job (and the seed its lineage records) could not be run again.
     torch.manual_seed(seed)
     module = arch.build(config)
-    if parent is not None:
+    if parent is not None and saved is None:
         module.load_state_dict(_weights(registry, model.name, parent))
-    dataset_row = datasets.get(job.dataset_id)
     data = datasets.load(dataset_row)
     epochs = int(job.params.get("epochs") or 1)
 
@@ -122,6 +166,19 @@ def run_job(
         def on_epoch(m: EpochMetrics) -> None:
             hooks.on_epoch(asdict(m))
 
+        meta = {"identity": identity, "parent_version": parent}
+
+        def on_state(state: TrainState) -> None:
+            if states is not None and hooks.holds_job():
+                _save_state(states, job.id, state, meta)
+
+        if saved is not None:
+            after = saved[0].epoch
+            progress = {"epoch": after, "epochs": epochs, "step": 0, "steps": 0}
+            progress["resumed_from_epoch"] = after
+            hooks.on_progress(progress)
+            hooks.on_resume(saved[0].metrics, progress)
+            log.info("job %s resumes after epoch %d of %d", job.id, after, epochs)
         params = TrainParams.model_validate({**job.params, "seed": seed})
         result = train(
             module,
@@ -133,6 +190,8 @@ def run_job(
             on_step=on_step,
             on_epoch=on_epoch,
             device=device,
+            resume=saved[0] if saved is not None else None,
+            on_state=on_state,
         )
         if result.stopped:
             raise Cancelled
@@ -168,6 +227,23 @@ def run_job(
         registry.set_serving(model.name, row.version)
     log.info("job %s stored %s version %d (promoted: %s)", job.id, model.name, row.version, promote)
     return Outcome(result_version=row.version, promoted=promote)
+
+
+def _save_state(states: ResumeStore, job_id: str, state: TrainState, meta: dict[str, Any]) -> None:
+    """Save the epoch's state; a failure (a full disk) only means an older resume point."""
+    started = time.perf_counter()
+    try:
+        size = states.save(job_id, state, meta)
+    except OSError as exc:
+        log.warning("job %s: could not save the epoch %d state: %s", job_id, state.epoch, exc)
+        return
+    log.debug(
+        "job %s: saved the epoch %d state (%d bytes, %.1f ms)",
+        job_id,
+        state.epoch,
+        size,
+        (time.perf_counter() - started) * 1000,
+    )
 
 
 def _better_than_serving(

@@ -4,6 +4,10 @@ A heartbeat thread writes progress and the heartbeat every `WORKER_HEARTBEAT_S` 
 whether the job was cancelled; the training loop checks that flag before every step, so a cancel
 takes effect within one step of the heartbeat seeing it. On SIGTERM the worker stops its job and
 hands it back to the queue.
+
+A training job saves its state at the end of every epoch (`service.worker.resume`); a job handed
+back (shutdown, a dead worker, a stale heartbeat) continues from there on whichever worker claims
+it next, and its state file goes when the job ends.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from service.registry import Registry
 from service.serving.device import resolve_device
 from service.settings import Settings
 from service.worker.execution import Cancelled, JobHooks, run_job
+from service.worker.resume import ResumeStore
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,7 @@ class Worker:
             settings.dataset_dir, self.owner, sessions, max_bytes=settings.max_dataset_bytes
         )
         self.queue = JobQueue(sessions)
+        self.states = ResumeStore(settings.resume_dir, self.owner)
         self.device = resolve_device(settings.DEVICE)
         self.id = f"{socket.gethostname()}:{os.getpid()}:{self.owner.token[:6]}"
         self.shutdown = threading.Event()
@@ -54,6 +60,8 @@ class Worker:
         log.info("worker %s ready on %s", self.id, self.device)
         while not self.shutdown.is_set():
             self.queue.reap_stale(self.settings.JOB_STALE_AFTER_S, self.settings.JOB_MAX_ATTEMPTS)
+            # A listing of a small folder: it also catches states of jobs that ended elsewhere.
+            self.states.sweep(self.queue)
             job = self.queue.claim(self.id)
             if job is None:
                 self.shutdown.wait(self.settings.WORKER_POLL_S)
@@ -83,24 +91,29 @@ class Worker:
                 job.id, self.id, metrics, dict(progress) or None
             ),
             begin_publishing=lambda: self.queue.begin_publishing(job.id, self.id),
+            holds_job=lambda: not stop.is_set(),
+            on_resume=lambda metrics, resumed: self.queue.restore_epochs(
+                job.id, self.id, metrics, resumed
+            ),
         )
         thread = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
         thread.start()
+        ended = False
         try:
-            outcome = run_job(job, self.registry, self.datasets, self.device, hooks)
+            outcome = run_job(job, self.registry, self.datasets, self.device, hooks, self.states)
         except Cancelled:
             if self.shutdown.is_set() and not stop.is_set():
                 self.queue.release(job.id, self.id)
                 log.info("job %s handed back to the queue on shutdown", job.id)
             else:
-                self.queue.finish(job.id, self.id, "cancelled")
+                ended = self.queue.finish(job.id, self.id, "cancelled")
                 log.info("job %s cancelled", job.id)
         except Exception as exc:
             log.error("job %s failed:\n%s", job.id, traceback.format_exc())
-            self.queue.finish(job.id, self.id, "failed", error=_describe(exc))
+            ended = self.queue.finish(job.id, self.id, "failed", error=_describe(exc))
         else:
             self.queue.heartbeat(job.id, self.id, dict(progress) or None)
-            self.queue.finish(
+            ended = self.queue.finish(
                 job.id,
                 self.id,
                 "succeeded",
@@ -108,6 +121,9 @@ class Worker:
                 promoted=outcome.promoted,
             )
         finally:
+            # Only a job this worker ended: one taken from it may be resuming on another worker.
+            if ended:
+                self.states.remove(job.id)
             beating.set()
             thread.join()
             if self.device.type == "cuda":
