@@ -48,7 +48,7 @@ from models import get_architecture
 
 REPO = Path(__file__).resolve().parent.parent
 
-TOKEN = "soak-token"
+TOKEN = "soak-token-0123456789"  # BNSERVE_API_TOKEN needs 16 characters or more
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SERVED = "soak"  # seed_cnn: uploads, promotes, roll-backs, predictions
 TRAINED = "soak-train"  # mlp_bn: trained by jobs, then predicted
