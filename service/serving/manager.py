@@ -61,6 +61,22 @@ class Handle:
     def version(self) -> int:
         return self.loaded.version
 
+    async def predict(
+        self, x: torch.Tensor, timeout_s: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(outputs, probabilities or None) for the batch `x`, batched with whatever waits;
+        503 `timeout` past `timeout_s`, its place in the queue freed (/v1 predict and v2 infer)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                rows = await self.batcher.submit(x)
+        except TimeoutError:
+            raise Overloaded(
+                f"prediction took longer than {timeout_s} s (BNSERVE_PREDICT_TIMEOUT_S)",
+                code="timeout",
+                retry_after=1.0,
+            ) from None
+        return self.split(rows)
+
     def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A request's rows from the batcher as (outputs, probabilities or None)."""
         if not self.loaded.is_classifier:

@@ -24,7 +24,6 @@ from service.api.schemas import PredictRequest, PredictResponse
 from service.errors import (
     BNServeError,
     InvalidInput,
-    Overloaded,
     PayloadTooLarge,
     UnsupportedMediaType,
 )
@@ -199,18 +198,8 @@ async def answer(request: Request, services: Services, name: str, version: int |
         args = (kind, body, inputs, request.headers.get("x-shape"), loaded)
         limit = settings.MAX_REQUEST_BATCH
         x = await _decode_async(*args, limit) if large else _decode(*args, limit)
-        try:
-            async with asyncio.timeout(settings.PREDICT_TIMEOUT_S):
-                rows = await handle.batcher.submit(x)
-        except TimeoutError:
-            raise Overloaded(
-                f"prediction took longer than {settings.PREDICT_TIMEOUT_S} s "
-                "(BNSERVE_PREDICT_TIMEOUT_S)",
-                code="timeout",
-                retry_after=1.0,
-            ) from None
-        out, probs = handle.split(rows)
-        if rows.numel() > INLINE_OUTPUT_VALUES:
+        out, probs = await handle.predict(x, settings.PREDICT_TIMEOUT_S)
+        if out.numel() * (1 if probs is None else 2) > INLINE_OUTPUT_VALUES:
             payload = await asyncio.to_thread(encode_answer, loaded, out, probs)
         else:
             payload = encode_answer(loaded, out, probs)

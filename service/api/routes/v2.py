@@ -34,7 +34,7 @@ from service.api.v2_codec import (
     decompress,
     encode_response,
 )
-from service.errors import BNServeError, NotFound, Overloaded
+from service.errors import BNServeError, NotFound
 from service.registry import MAX_VERSION
 from service.serving.loaded import LoadedModel
 
@@ -254,16 +254,7 @@ async def _infer(request: Request, services: Services, name: str, version: int |
         body = await request.body()
         decode = partial(_decode, body, request, loaded, services)
         decoded = decode() if len(body) <= OFFLOAD_BYTES else await asyncio.to_thread(decode)
-        try:
-            async with asyncio.timeout(settings.PREDICT_TIMEOUT_S):
-                out, probs = handle.split(await handle.batcher.submit(decoded.x))
-        except TimeoutError:
-            raise Overloaded(
-                f"prediction took longer than {settings.PREDICT_TIMEOUT_S} s "
-                "(BNSERVE_PREDICT_TIMEOUT_S)",
-                code="timeout",
-                retry_after=1.0,
-            ) from None
+        out, probs = await handle.predict(decoded.x, settings.PREDICT_TIMEOUT_S)
         encode = partial(_encode, loaded, decoded, out, probs)
         large = out.numel() * 4 * len(decoded.outputs) > OFFLOAD_BYTES
         content, header_length = await asyncio.to_thread(encode) if large else encode()
