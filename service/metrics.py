@@ -52,3 +52,12 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+
+    def prediction_done(
+        self, model: str, version: int, outcome: str, seconds: float, samples: int
+    ) -> None:
+        """One answered prediction (/v1 predict or v2 infer); `samples` only when it succeeded."""
+        self.predictions.labels(model, str(version), outcome).inc()
+        self.latency.labels(model).observe(seconds)
+        if samples:
+            self.samples.labels(model).inc(samples)

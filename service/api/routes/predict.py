@@ -208,9 +208,8 @@ async def answer(request: Request, services: Services, name: str, version: int |
         outcome = exc.code
         raise
     finally:
-        metrics.predictions.labels(name, str(loaded.version), outcome).inc()
-        metrics.latency.labels(name).observe(time.perf_counter() - started)
-    metrics.samples.labels(name).inc(int(x.shape[0]))
+        n = int(x.shape[0]) if outcome == "ok" and x is not None else 0
+        metrics.prediction_done(name, loaded.version, outcome, time.perf_counter() - started, n)
     return Response(
         payload,
         media_type="application/json",

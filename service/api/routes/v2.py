@@ -263,9 +263,8 @@ async def _infer(request: Request, services: Services, name: str, version: int |
         outcome = exc.code
         raise
     finally:
-        metrics.predictions.labels(name, str(loaded.version), outcome).inc()
-        metrics.latency.labels(name).observe(time.perf_counter() - started)
-    metrics.samples.labels(name).inc(decoded.x.shape[0])
+        n = int(decoded.x.shape[0]) if outcome == "ok" else 0
+        metrics.prediction_done(name, loaded.version, outcome, time.perf_counter() - started, n)
     headers = {"X-Model-Version": str(loaded.version)}
     if header_length is None:
         return Response(content, media_type="application/json", headers=headers)
