@@ -8,7 +8,7 @@ printed and written to JSON with every round's figures. The in-process limit is 
 `build_loaded` module run without HTTP at the mean batch bnserve formed under the same load.
 
     .venv/bin/python bench/serving.py [--seconds 10] [--rounds 3] [--models resnet18,mlp_bn]
-        [--clients 1,16,64] [--contenders bnserve,naive,litserve,noop] [--malloc]
+        [--clients 1,16,64] [--contenders bnserve,naive,litserve,noop] [--malloc-off]
         [--variant NAME:VAR=VALUE,...] [--env VAR=VALUE] [--threads N]
         [--json bench/results/serving.json]
 """
@@ -49,19 +49,9 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "mlp_bn": ("mlp_bn", {}),
 }
 
-# glibc malloc tuning for `--malloc`. A forward pass allocates and frees activations of a few MiB
-# each (resnet18 at batch 32: 8 MiB per 64x32x32 map). By default glibc serves blocks above its
-# mmap threshold with fresh mmap()s and gives freed heap tops back to the kernel, so every forward
-# page-faults and zero-fills the same memory again. A fixed 32 MiB mmap threshold (the largest
-# glibc accepts on 64-bit) keeps those blocks in the heap; a 256 MiB trim threshold stops returning
-# freed memory after each pass; two arenas (one per core here, glibc's default is 8 per core)
-# bound the memory the request threads' arenas hold. Setting either threshold also turns off
-# glibc's dynamic threshold, so the behaviour no longer depends on the allocation history.
-MALLOC_ENV = {
-    "MALLOC_ARENA_MAX": "2",
-    "MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024),
-    "MALLOC_TRIM_THRESHOLD_": str(256 * 1024 * 1024),
-}
+# bnserve tunes glibc's allocator itself at start (service/serving/allocator.py, on by default);
+# `--malloc-off` adds bnserve with glibc's defaults, to measure what the tuning buys.
+MALLOC_OFF_ENV = {"BNSERVE_MALLOC_TUNING": "false"}
 
 CONTENDERS = ("bnserve", "naive", "litserve", "noop")
 CONTENDER_MODULES = {
@@ -97,7 +87,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clients", default="1,16,64", help="concurrent clients")
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument(
-        "--malloc", action="store_true", help="also bnserve with glibc MALLOC_* tuning"
+        "--malloc-off",
+        action="store_true",
+        help="also bnserve with glibc's default allocator (BNSERVE_MALLOC_TUNING=false)",
     )
     parser.add_argument(
         "--variant",
@@ -120,8 +112,8 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.contenders) - set(CONTENDERS)
     if unknown:
         parser.error(f"unknown contenders {sorted(unknown)}; known: {', '.join(CONTENDERS)}")
-    if args.malloc:
-        args.variant.append(("bnserve+malloc", MALLOC_ENV))
+    if args.malloc_off:
+        args.variant.append(("bnserve-malloc", MALLOC_OFF_ENV))
     args.bnserve_env = {k: v for pairs in args.env for k, v in pairs.items()}
     return args
 

@@ -47,12 +47,6 @@ shift || true
 case "$command" in
     serve)
         setup "[postgres]"
-        # glibc allocator: keep a forward pass's activations in the heap instead of a fresh
-        # mmap (and page faults) per pass. bench/serving.py --malloc measured resnet18 at
-        # 1.21-1.54x with these on this 2-core machine, mlp_bn unchanged (README, Performance).
-        export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-33554432}"
-        export MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-268435456}"
-        export MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-2}"
         exec "$VENV/bin/python" -m service "$@"
         ;;
     test)

@@ -8,6 +8,7 @@ from service.api.server import serve, server_config
 from service.app import configure_logging, create_app
 from service.db.engine import make_engine, make_sessionmaker, migrate
 from service.jobs import JobQueue
+from service.serving.allocator import tune_allocator
 from service.settings import Settings
 from service.worker.supervisor import supervised_workers
 
@@ -15,6 +16,8 @@ from service.worker.supervisor import supervised_workers
 def main() -> None:
     settings = Settings()
     configure_logging(settings)
+    if settings.MALLOC_TUNING:
+        tune_allocator()  # before any forward pass; exported for the processes started below
     if settings.API_WORKERS == 1:
         serve(server_config(settings, create_app(settings)))
         return

@@ -18,7 +18,9 @@ from pydantic import BaseModel, Field
 
 from bench import limit
 from bench.contenders.common import UVICORN_OPTIONS, parse_args, read_specs
+from service.serving.allocator import tune_allocator
 from service.serving.loaded import LoadedModel
+from service.settings import Settings
 
 
 class MeasureBody(BaseModel):
@@ -48,6 +50,8 @@ def create_app(loaded: dict[str, LoadedModel]) -> FastAPI:
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
+    if Settings().MALLOC_TUNING:
+        tune_allocator()  # the allocator bnserve runs with, so the limit bounds the same thing
     loaded = {
         spec.name: limit.load(
             spec.name,

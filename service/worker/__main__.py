@@ -9,6 +9,7 @@ from types import FrameType
 
 import torch
 
+from service.serving.allocator import tune_allocator
 from service.settings import Settings
 from service.worker.parent import tie_to_parent
 from service.worker.runner import Worker
@@ -35,6 +36,8 @@ def main() -> None:
         level=settings.LOG_LEVEL.upper(),
         format="%(asctime)s %(levelname)s worker %(name)s: %(message)s",
     )
+    if settings.MALLOC_TUNING:
+        tune_allocator()
     torch.set_num_threads(settings.worker_threads())
     worker = Worker(settings)
 
