@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI
 
 from models import load_plugins
@@ -57,7 +58,8 @@ def build_services(settings: Settings) -> Services:
     if settings.DEMO:
         seed_demo(settings, registry, datasets, jobs, owner)
     device = resolve_device(settings.DEVICE)
-    log.info("serving on %s", device)
+    torch.set_num_threads(settings.serve_threads())
+    log.info("serving on %s with %d intra-op threads", device, torch.get_num_threads())
     metrics = Metrics()
     manager = ModelManager(settings, registry, device)
     manager.on_batch = lambda name, size: metrics.batch_size.labels(name).observe(size)

@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     # Threads for forward passes per process; each model (version) runs one pass at a time, so
     # these only let different models run side by side (serving/manager.py).
     FORWARD_THREADS: int = Field(4, ge=1, le=64)
+    # PyTorch intra-op threads for forward passes in each API process. 0: the cores this process
+    # gets (its share when BNSERVE_API_WORKERS > 1) less one for its event loop, at least 1. With
+    # one pass at a time per model, more threads than cores only make OpenMP's workers wait for
+    # each other; measured on 2 cores, 1 thread beat 2 for resnet18 lone and under load (README).
+    SERVE_THREADS: int = Field(0, ge=0, le=1024)
     # A prediction body's own limit, far below the upload limit and refused (413) before it is
     # read: 16 MiB holds a JSON batch of ~500 CIFAR-sized samples, or 1,300 as binary float32.
     MAX_PREDICT_BODY_BYTES: int = Field(16 << 20, gt=0)
@@ -148,10 +153,15 @@ class Settings(BaseSettings):
             return list(self.ALLOWED_HOSTS)
         return [self.HOST, "localhost", "127.0.0.1", "::1"]
 
+    def serve_threads(self) -> int:
+        if self.SERVE_THREADS:
+            return self.SERVE_THREADS
+        return max(1, usable_cpus() // self.API_WORKERS - 1)
+
     def worker_threads(self) -> int:
         if self.WORKER_THREADS:
             return self.WORKER_THREADS
-        return max(1, (os.cpu_count() or 1) // max(1, self.WORKERS))
+        return max(1, usable_cpus() // max(1, self.WORKERS))
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -173,6 +183,14 @@ class Settings(BaseSettings):
     @property
     def token_file(self) -> Path:
         return self.DATA_DIR / "api-token"
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's or taskset's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
