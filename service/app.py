@@ -20,6 +20,7 @@ from service.api.hosts import AllowedHostsMiddleware
 from service.api.limits import BodyLimitMiddleware
 from service.api.openapi import install_openapi
 from service.api.routes import architectures, datasets, health, jobs, models, predict, v2, versions
+from service.api.routes.ui import install_ui
 from service.checkpoints.store import CheckpointStore
 from service.datasets.store import DatasetStore
 from service.db.engine import make_engine, make_sessionmaker, migrate
@@ -135,4 +136,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_openapi(app, settings)
     for module in (health, architectures, models, versions, predict, v2, datasets, jobs):
         app.include_router(module.router)
+    install_ui(app)
     return app
