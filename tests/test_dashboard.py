@@ -274,6 +274,35 @@ def test_with_protected_reads_the_page_asks_for_the_token_first(
         browser.execute_script("sessionStorage.clear()")
 
 
+def test_predict_start_and_cancel_from_the_page(stack: dict[str, Any], browser: WebDriver) -> None:
+    client: httpx.Client = stack["client"]
+    _open(browser, stack["url"])
+    _use_token(browser, TOKEN)
+    _click(browser, MODEL_ROW)
+    _wait(browser, lambda d: d.find_element(By.ID, "predict-form").is_displayed(), "predict form")
+    browser.find_element(By.ID, "predict-input").send_keys("0.5, -0.5")
+    _click(browser, "#predict-form button")
+    expected = client.post("/v1/models/ui/predict", json={"inputs": [[0.5, -0.5]]}).json()
+    shown = _wait(browser, lambda d: d.find_element(By.ID, "predict-output").text, "the answer")
+    assert f"version {expected['version']}" in shown
+    assert f"prediction {expected['predictions'][0]}" in shown
+
+    before = {job["id"] for job in client.get("/v1/jobs").json()}
+    form = browser.find_element(By.ID, "job-form")
+    epochs = form.find_element(By.NAME, "epochs")
+    epochs.clear()
+    epochs.send_keys("500")
+    _click(browser, "#job-form button[type=submit]")
+    started = wait_until(
+        lambda: next((j for j in client.get("/v1/jobs").json() if j["id"] not in before), None),
+        30,
+        "the job started from the page",
+    )
+    assert started["params"]["epochs"] == 500
+    _click(browser, _job(started["id"]) + " button")
+    assert wait_job(client, started["id"], timeout=60)["status"] == "cancelled"
+
+
 def _assert_not_blank(path: Path) -> None:
     from PIL import Image
 

@@ -298,7 +298,7 @@ function svg(tag, attrs) {
 function drawChart(target, metrics, series, keptEpoch, range) {
   const W = 420, H = 220, left = 46, right = 10, top = 10, bottom = 28;
   target.replaceChildren();
-  const points = series.map(([key]) => metrics.filter((m) => typeof m[key] === "number").map((m) => [m.epoch, m[key]]));
+  const points = series.map(([key]) => metrics.filter((m) => typeof m[key] === "number").map((m) => [m.epoch, m[key], m.lr]));
   const all = points.flat();
   if (!all.length) {
     const text = svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "tick" });
@@ -330,10 +330,10 @@ function drawChart(target, metrics, series, keptEpoch, range) {
     const pts = points[i];
     if (!pts.length) return;
     target.append(svg("polyline", { points: pts.map(([x, y]) => `${sx(x)},${sy(y)}`).join(" "), class: cls, "data-series": key }));
-    for (const [x, y] of pts) {
+    for (const [x, y, lr] of pts) {
       const dot = svg("circle", { cx: sx(x), cy: sy(y), r: 3, class: "point " + cls, "data-series": key, "data-epoch": x });
       const tip = svg("title", {});
-      tip.textContent = `epoch ${x}: ${key} ${y.toFixed(4)}`;
+      tip.textContent = `epoch ${x}: ${key} ${y.toFixed(4)}` + (typeof lr === "number" ? ` (lr ${lr})` : "");
       dot.append(tip);
       target.append(dot);
     }
