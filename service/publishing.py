@@ -53,6 +53,7 @@ def prepare(
         state_dict=canonical,
         device=device,
         options=options,
+        preprocess=model.preprocess,
     )
     return Prepared(data=data, report=report.model_dump(mode="json"), loaded=loaded)
 

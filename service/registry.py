@@ -20,6 +20,7 @@ from service.checkpoints.store import CheckpointStore
 from service.db.tables import ModelRow, VersionRow, utcnow
 from service.errors import Conflict, InvalidInput, NotFound, shorten
 from service.files import disk_full_as_error
+from service.preprocess.image import Preprocess
 
 # Names end up in URLs and log lines, never in paths (files are keyed by the model's id).
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -84,9 +85,16 @@ class Registry:
         architecture: str,
         config: dict[str, Any],
         serving: dict[str, Any] | None = None,
+        preprocess: Preprocess | None = None,
     ) -> ModelRow:
         check_name(name)
         _, cfg = parse_config(architecture, config)
+        if preprocess is not None:
+            problem = preprocess.image.check_for(tuple(cfg.input_shape()))
+            if problem is not None:
+                raise InvalidInput(
+                    f"invalid preprocess.image: {problem}", code="invalid_preprocess"
+                )
         exists = Conflict(f"model {name!r} already exists", code="model_exists")
         try:
             with self._tx() as session:
@@ -98,6 +106,7 @@ class Registry:
                     architecture=architecture,
                     config=cfg.model_dump(mode="json"),
                     serving=serving,
+                    preprocess=preprocess.model_dump(mode="json") if preprocess else None,
                     last_version=0,
                 )
                 session.add(row)

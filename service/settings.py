@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     # A prediction body's own limit, far below the upload limit and refused (413) before it is
     # read: 16 MiB holds a JSON batch of ~500 CIFAR-sized samples, or 1,300 as binary float32.
     MAX_PREDICT_BODY_BYTES: int = Field(16 << 20, gt=0)
+    # Pixels (width x height) an image may declare; checked from its header before decoding, so a
+    # small file that declares a huge image (a decompression bomb) costs nothing. 4096 x 4096.
+    MAX_IMAGE_PIXELS: int = Field(4096 * 4096, ge=1)
     # Largest batch one request may carry.
     MAX_REQUEST_BATCH: int = Field(1024, ge=1)
     # Samples waiting across all batchers before new predictions get 503 + Retry-After.

@@ -6,9 +6,19 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
 from service.db.engine import MIGRATIONS_DIR, make_engine, migrate
+
+
+def _head() -> str:
+    """The newest revision: one head, so every migration chain ends in one schema."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    heads = ScriptDirectory.from_config(cfg).get_heads()
+    assert len(heads) == 1, f"migrations have several heads: {heads}"
+    return str(heads[0])
 
 
 def _upgrade_to(engine, revision: str) -> None:
@@ -33,12 +43,11 @@ def _check_upgrade_keeps_rows(url: str, data_dir: Path) -> None:
     migrate(engine, data_dir)  # what every start does
     migrate(engine, data_dir)  # and again: a no-op
     assert "phase" in {c["name"] for c in inspect(engine).get_columns("jobs")}
-    assert "serving" in {c["name"] for c in inspect(engine).get_columns("models")}
+    assert {"serving", "preprocess"} <= {c["name"] for c in inspect(engine).get_columns("models")}
     with engine.begin() as conn:
-        assert conn.execute(text("SELECT name, last_version, serving FROM models")).all() == [
-            ("kept", 3, None)
-        ]
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+        rows = conn.execute(text("SELECT name, last_version, serving, preprocess FROM models"))
+        assert rows.all() == [("kept", 3, None, None)]
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == _head()
     engine.dispose()
 
 

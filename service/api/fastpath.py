@@ -21,33 +21,41 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.api.auth import check_bearer
 from service.api.deps import Services
 from service.api.errors import response_for
-from service.api.routes.predict import answer
+from service.api.routes.predict import MAX_TOP_K, answer
 from service.errors import InvalidInput
 from service.registry import MAX_VERSION
 
 _PREDICT = re.compile(r"/v1/models/([^/]+)/predict")
 
 
-def _version(query: bytes) -> int | None:
-    """`?version=N` as the route's `Query(ge=1, le=2**63-1)` would take it."""
+def _query(query: bytes) -> tuple[int | None, int | None]:
+    """`?version=N` and `?top_k=K` as the route's `Query(ge=1, le=...)` would take them."""
     if not query:
-        return None
-    value = None
+        return None, None
+    values: dict[str, str] = {}
     for key, text in parse_qsl(query.decode("latin-1")):
-        if key == "version":
-            value = text
+        if key in _BOUNDS:
+            values[key] = text
+    version = _integer("version", values.get("version"))
+    return version, _integer("top_k", values.get("top_k"))
+
+
+_BOUNDS = {"version": MAX_VERSION, "top_k": MAX_TOP_K}
+
+
+def _integer(name: str, value: str | None) -> int | None:
     if value is None:
         return None
     if not value.isdigit():
         message = "Input should be a valid integer, unable to parse string as an integer"
-    elif len(value) > 19 or not 1 <= int(value) <= MAX_VERSION:
-        message = f"Input should be between 1 and {MAX_VERSION}"
+    elif len(value) > 19 or not 1 <= int(value) <= _BOUNDS[name]:
+        message = f"Input should be between 1 and {_BOUNDS[name]}"
     else:
         return int(value)
     raise InvalidInput(
-        f"invalid request: query.version: {message}",
+        f"invalid request: query.{name}: {message}",
         code="validation_error",
-        errors=[{"field": "query.version", "message": message, "type": "int"}],
+        errors=[{"field": f"query.{name}", "message": message, "type": "int"}],
     )
 
 
@@ -68,9 +76,8 @@ class PredictFastPath:
             services: Services = scope["app"].state.services
             if services.settings.PROTECT_READS:
                 check_bearer(request, services.token)
-            response = await answer(
-                request, services, match.group(1), _version(scope["query_string"])
-            )
+            version, top_k = _query(scope["query_string"])
+            response = await answer(request, services, match.group(1), version, top_k)
         except Exception as exc:
             response = await response_for(request, exc)
         await response(scope, receive, send)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.db.tables import DatasetRow, JobRow, ModelRow, VersionRow
+from service.preprocess.image import Preprocess
 from service.registry import NAME_PATTERN
 
 
@@ -69,6 +70,11 @@ class ModelCreate(BaseModel):
     architecture: str = Field(examples=["mnist_cnn"])
     config: dict[str, Any] = Field(default_factory=dict)
     serving: ServingOptions = Field(default_factory=ServingOptions)
+    preprocess: Preprocess | None = Field(
+        None,
+        description="an image pipeline (torchvision's convert, Resize, CenterCrop, ToTensor, "
+        "Normalize); the model then also takes images. Fixed for the model's life.",
+    )
 
 
 class VersionPublic(BaseModel):
@@ -114,6 +120,7 @@ class ModelPublic(BaseModel):
     labels: list[str] | None
     serving_version: int | None
     serving: ServingOptions
+    preprocess: Preprocess | None = None
     versions: list[VersionPublic]
     created_at: datetime
 
@@ -130,6 +137,7 @@ class ModelPublic(BaseModel):
             labels=labels,
             serving_version=row.serving_version,
             serving=ServingOptions.model_validate(row.serving or {}),
+            preprocess=Preprocess.model_validate(row.preprocess) if row.preprocess else None,
             versions=[VersionPublic.of(v, row.serving_version) for v in row.versions],
             created_at=row.created_at,
         )
@@ -151,6 +159,12 @@ class PredictRequest(BaseModel):
     )
 
 
+class TopClass(BaseModel):
+    index: int
+    label: str | None
+    probability: float
+
+
 class PredictResponse(BaseModel):
     model: str
     version: int
@@ -159,6 +173,9 @@ class PredictResponse(BaseModel):
     probabilities: list[list[float]] | None = None
     labels: list[str] | None = Field(
         default=None, description="class label of each prediction, when the model has labels"
+    )
+    top_k: list[list[TopClass]] | None = Field(
+        default=None, description="with `?top_k=K`: each sample's K most probable classes"
     )
 
 

@@ -61,6 +61,9 @@ class ModelRow(Base):
     serving_version: Mapped[int | None] = mapped_column(Integer)
     # Per-model serving options (`ServingOptions` in the API); null: the settings' defaults.
     serving: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # The input pipeline (`Preprocess` in service/preprocess/image.py), fixed at creation so every
+    # version is served through the pipeline it was made for; null: the model takes tensors.
+    preprocess: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # Bumped in the same transaction that inserts a version: numbers are unique, gap-free and
     # never reused, even after a version is deleted.
     last_version: Mapped[int] = mapped_column(Integer, default=0)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from models import ArchConfig, Architecture
+from service.preprocess.image import ImagePipeline, Preprocess
 from service.serving.gate import run_gate
 from service.serving.optimize import OptimizationReport, OptimizeOptions, optimize
 
@@ -29,6 +30,8 @@ class LoadedModel:
     input_shape: tuple[int, ...]
     task: str
     labels: list[str] | None
+    # The model's image pipeline (fixed for its life), or None: it takes tensors only.
+    image_pipeline: ImagePipeline | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     optimizations: OptimizationReport = field(default_factory=OptimizationReport)
 
@@ -53,6 +56,7 @@ def build_loaded(
     state_dict: dict[str, torch.Tensor],
     device: torch.device,
     options: OptimizeOptions | None = None,
+    preprocess: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Build, fill (strict), move, switch to eval, gate, optimize; blocking, so call from a thread.
 
@@ -82,5 +86,6 @@ def build_loaded(
         input_shape=input_shape,
         task=config.task,
         labels=config.labels(),
+        image_pipeline=Preprocess.model_validate(preprocess).image if preprocess else None,
         optimizations=report,
     )

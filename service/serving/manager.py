@@ -348,6 +348,7 @@ class ModelManager:
             state_dict=state_dict_from_safetensors(data),
             device=self.device,
             options=OptimizeOptions.from_settings(self._settings),
+            preprocess=model.preprocess,
         )
 
     # Following the database

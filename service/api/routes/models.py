@@ -25,7 +25,12 @@ def model_public(row: ModelRow) -> ModelPublic:
 async def create_model(body: ModelCreate, services: ServicesDep) -> ModelPublic:
     serving = body.serving.model_dump(exclude_none=True) or None
     row = await asyncio.to_thread(
-        services.registry.create_model, body.name, body.architecture, body.config, serving
+        services.registry.create_model,
+        body.name,
+        body.architecture,
+        body.config,
+        serving,
+        body.preprocess,
     )
     return model_public(row)
 

@@ -27,6 +27,7 @@ from service.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from service.preprocess.decode import MEDIA_TYPES, decode_images, image_parts
 from service.registry import MAX_VERSION
 from service.serving.inputs import (
     decode_npy,
@@ -35,6 +36,7 @@ from service.serving.inputs import (
     parse_shape_header,
 )
 from service.serving.loaded import LoadedModel
+from service.settings import Settings
 
 router = APIRouter(prefix="/v1/models/{name}", tags=["predictions"], dependencies=[ReadAuth])
 
@@ -43,6 +45,7 @@ router = APIRouter(prefix="/v1/models/{name}", tags=["predictions"], dependencie
 # thread, so one big request cannot stall every other connection.
 INLINE_BYTES = 64 * 1024
 INLINE_OUTPUT_VALUES = 4096
+MAX_TOP_K = 1000
 
 _BODY_DOC: dict[str, Any] = {
     "requestBody": {
@@ -53,6 +56,20 @@ _BODY_DOC: dict[str, Any] = {
             "application/octet-stream": {
                 "schema": {"type": "string", "format": "binary"},
                 "description": "little-endian float32, batch shape in the X-Shape header",
+            },
+            **{
+                media: {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": "one image, for a model created with preprocess.image",
+                }
+                for media in sorted(MEDIA_TYPES)
+            },
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "additionalProperties": {"type": "string", "format": "binary"},
+                },
+                "description": "a batch of images, one part each, answered in order",
             },
         },
     }
@@ -122,6 +139,26 @@ def _decode(
     return decode_raw_float32(body, parse_shape_header(shape_header, shape), shape, limit)[0]
 
 
+def _decode_images(
+    kind: str, body: bytes, content_type: str, loaded: LoadedModel, settings: Settings
+) -> torch.Tensor:
+    """The batch of an image or multipart body through the model's own pipeline (blocking)."""
+    if loaded.image_pipeline is None:
+        raise UnsupportedMediaType(
+            f"model {loaded.name!r} takes tensors, not images: send JSON, .npy or float32, or "
+            "create a model with preprocess.image",
+            code="images_not_accepted",
+        )
+    limit = settings.MAX_REQUEST_BATCH
+    blobs = [body] if kind == "image" else image_parts(body, content_type, limit)
+    return decode_images(
+        blobs, loaded.image_pipeline, loaded.input_shape, max_pixels=settings.MAX_IMAGE_PIXELS
+    )
+
+
+IMAGE_KINDS = ("image", "multipart")
+
+
 def _media_kind(content_type: str | None) -> str:
     media = (content_type or "application/json").split(";", 1)[0].strip().lower()
     if media in ("application/json", ""):
@@ -130,14 +167,20 @@ def _media_kind(content_type: str | None) -> str:
         return "npy"
     if media == "application/octet-stream":
         return "raw"
+    if media in MEDIA_TYPES:
+        return "image"
+    if media == "multipart/form-data":
+        return "multipart"
     raise UnsupportedMediaType(
         f"Content-Type {media[:64]!r} is not accepted for predictions: send application/json "
-        '({"inputs": [...]}), application/x-npy, or application/octet-stream (float32) with '
-        "X-Shape",
+        '({"inputs": [...]}), application/x-npy, application/octet-stream (float32) with '
+        "X-Shape, or for an image model image/png, image/jpeg, image/webp or multipart/form-data",
     )
 
 
-def encode_answer(loaded: LoadedModel, out: torch.Tensor, probs: torch.Tensor | None) -> bytes:
+def encode_answer(
+    loaded: LoadedModel, out: torch.Tensor, probs: torch.Tensor | None, top_k: int | None = None
+) -> bytes:
     """The JSON answer, from the output tensors without a detour through Python lists."""
     outputs = out.numpy()
     answer: dict[str, Any] = {"model": loaded.name, "version": loaded.version, "outputs": outputs}
@@ -150,6 +193,8 @@ def encode_answer(loaded: LoadedModel, out: torch.Tensor, probs: torch.Tensor | 
             answer["labels"] = [loaded.labels[i] for i in predictions.tolist()]
         else:
             answer["labels"] = None
+        if top_k is not None:
+            answer["top_k"] = _top_k(probabilities, top_k, loaded.labels)
     else:
         answer.update(predictions=None, probabilities=None, labels=None)
     return orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -161,7 +206,7 @@ def encode_answer(loaded: LoadedModel, out: torch.Tensor, probs: torch.Tensor | 
     openapi_extra=_BODY_DOC,
     responses={
         200: {"headers": {"X-Model-Version": {"schema": {"type": "integer"}}}},
-        **errors(404, 409, 415, 422, 503),
+        **errors(404, 409, 413, 415, 422, 503),
     },
 )
 async def predict(
@@ -169,6 +214,7 @@ async def predict(
     request: Request,
     services: ServicesDep,
     version: Annotated[int | None, Query(ge=1, le=MAX_VERSION)] = None,
+    top_k: Annotated[int | None, Query(ge=1, le=MAX_TOP_K)] = None,
 ) -> Response:
     """Outputs of the serving version (or `?version=N`), one row per sample.
 
@@ -176,14 +222,21 @@ async def predict(
     sees it, with the same `answer` below; this declaration documents it and serves any app
     built without the fast path.
     """
-    return await answer(request, services, name, version)
+    return await answer(request, services, name, version, top_k)
 
 
-async def answer(request: Request, services: Services, name: str, version: int | None) -> Response:
+async def answer(
+    request: Request,
+    services: Services,
+    name: str,
+    version: int | None,
+    top_k: int | None = None,
+) -> Response:
     """The prediction for one request: read, decode, batch, forward, encode."""
     started = time.perf_counter()
     settings = services.settings
-    kind = _media_kind(request.headers.get("content-type"))
+    content_type = request.headers.get("content-type")
+    kind = _media_kind(content_type)
     body = await read_body(request, settings.MAX_PREDICT_BODY_BYTES)
     large = len(body) > INLINE_BYTES
     inputs = None
@@ -195,14 +248,24 @@ async def answer(request: Request, services: Services, name: str, version: int |
     outcome = "error"
     x: torch.Tensor | None = None
     try:
-        args = (kind, body, inputs, request.headers.get("x-shape"), loaded)
+        if top_k is not None and not loaded.is_classifier:
+            raise InvalidInput(
+                f"top_k needs a classifier; model {name!r} is a {loaded.task} model",
+                code="not_a_classifier",
+            )
         limit = settings.MAX_REQUEST_BATCH
-        x = await _decode_async(*args, limit) if large else _decode(*args, limit)
+        if kind in IMAGE_KINDS:
+            x = await asyncio.to_thread(
+                _decode_images, kind, body, content_type or "", loaded, settings
+            )
+        else:
+            args = (kind, body, inputs, request.headers.get("x-shape"), loaded)
+            x = await _decode_async(*args, limit) if large else _decode(*args, limit)
         out, probs = await handle.predict(x, settings.PREDICT_TIMEOUT_S)
         if out.numel() * (1 if probs is None else 2) > INLINE_OUTPUT_VALUES:
-            payload = await asyncio.to_thread(encode_answer, loaded, out, probs)
+            payload = await asyncio.to_thread(encode_answer, loaded, out, probs, top_k)
         else:
-            payload = encode_answer(loaded, out, probs)
+            payload = encode_answer(loaded, out, probs, top_k)
         outcome = "ok"
     except BNServeError as exc:
         outcome = exc.code
@@ -221,3 +284,20 @@ async def _decode_async(
     kind: str, body: bytes, inputs: Any, shape_header: str | None, loaded: LoadedModel, limit: int
 ) -> torch.Tensor:
     return await asyncio.to_thread(_decode, kind, body, inputs, shape_header, loaded, limit)
+
+
+def _top_k(probabilities: Any, k: int, labels: list[str] | None) -> list[list[dict[str, Any]]]:
+    """Per sample, the `k` most probable classes, best first (ties: the lower index first)."""
+    k = min(k, probabilities.shape[1])
+    best = (-probabilities).argsort(axis=1, kind="stable")[:, :k]
+    return [
+        [
+            {
+                "index": int(i),
+                "label": labels[i] if labels is not None else None,
+                "probability": row[i],  # float32, written as the probabilities are
+            }
+            for i in order.tolist()
+        ]
+        for row, order in zip(probabilities, best, strict=True)
+    ]
