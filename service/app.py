@@ -37,9 +37,13 @@ log = logging.getLogger(__name__)
 
 
 def build_services(settings: Settings) -> Services:
-    """Open the database (migrating it), reconcile the stores after any crash, pick the device."""
+    """Pick the device, load the plugins, open the database (migrating it), reconcile the stores
+    after any crash. What can fail for a bad setting comes first, so it fails before any write."""
+    device = resolve_device(settings.DEVICE)
+    plugins = load_plugins(settings.ARCHITECTURE_PLUGINS)
+    if plugins:
+        log.info("loaded architecture plugin modules: %s", ", ".join(plugins))
     settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
-    load_plugins(settings.ARCHITECTURE_PLUGINS)
     engine = make_engine(settings.database_url)
     migrate(engine, settings.DATA_DIR)
     sessions = make_sessionmaker(engine)
@@ -56,7 +60,6 @@ def build_services(settings: Settings) -> Services:
     ResumeStore(settings.resume_dir, owner).sweep(jobs)
     if settings.DEMO:
         seed_demo(settings, registry, datasets, jobs, owner)
-    device = resolve_device(settings.DEVICE)
     log.info("serving on %s", device)
     metrics = Metrics()
     manager = ModelManager(settings, registry, device)

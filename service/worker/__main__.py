@@ -9,7 +9,7 @@ from types import FrameType
 
 import torch
 
-from service.settings import Settings
+from service.startup import StartupError, exit_on_startup_error, load_settings, preflight
 from service.worker.parent import tie_to_parent
 from service.worker.runner import Worker
 
@@ -30,7 +30,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.parent_fd is not None:
         tie_to_parent(args.parent_fd)  # first, so a server that dies during start-up counts
-    settings = Settings()
+    try:
+        settings = load_settings()
+        preflight(settings)  # before the worker migrates or writes anything
+    except StartupError as exc:
+        exit_on_startup_error(exc)
     logging.basicConfig(
         level=settings.LOG_LEVEL.upper(),
         format="%(asctime)s %(levelname)s worker %(name)s: %(message)s",
