@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from models import load_plugins
+from service import logs
 from service.api.auth import load_or_create_token
 from service.api.deps import Services
 from service.api.errors import install_error_handlers
@@ -18,6 +19,7 @@ from service.api.fastpath import PredictFastPath
 from service.api.hosts import AllowedHostsMiddleware
 from service.api.limits import BodyLimitMiddleware
 from service.api.openapi import install_openapi
+from service.api.request_id import install_request_ids
 from service.api.routes import architectures, datasets, health, jobs, models, predict, v2, versions
 from service.checkpoints.store import CheckpointStore
 from service.datasets.store import DatasetStore
@@ -103,12 +105,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def configure_logging(settings: Settings) -> None:
-    """Log lines with time and logger name, unless the host process set up logging already."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=settings.LOG_LEVEL.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+    """The API process's log lines (`service.logs`), unless the host process set up logging."""
+    logs.configure(settings.LOG_LEVEL, settings.LOG_FORMAT, "api")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -132,6 +130,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, limit=settings.MAX_UPLOAD_BYTES)
     # Added last, so it runs first: a request for a foreign host gets no further.
     app.add_middleware(AllowedHostsMiddleware, allowed=settings.allowed_hosts())
+    # Outside every other layer, Starlette's error middleware included: even a 500 gets its id.
+    app.build_middleware_stack = install_request_ids(  # type: ignore[method-assign]
+        app.build_middleware_stack
+    )
     install_error_handlers(app)
     install_openapi(app, settings)
     for module in (health, architectures, models, versions, predict, v2, datasets, jobs):

@@ -64,6 +64,9 @@ def server_config(
         "host": settings.HOST,
         "port": settings.PORT,
         "log_level": settings.LOG_LEVEL,
+        # No dictConfig of uvicorn's own: its loggers propagate to the one handler that
+        # `service.logs` installs, so the server's lines have the app's format (and request ids).
+        "log_config": None,
         "loop": event_loop(),
         "http": http_protocol(),
         "access_log": settings.ACCESS_LOG,

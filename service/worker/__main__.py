@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 from types import FrameType
 
 import torch
 
+from service import logs
 from service.startup import StartupError, exit_on_startup_error, load_settings, preflight
 from service.worker.parent import tie_to_parent
 from service.worker.runner import Worker
@@ -35,10 +35,7 @@ def main() -> None:
         preflight(settings)  # before the worker migrates or writes anything
     except StartupError as exc:
         exit_on_startup_error(exc)
-    logging.basicConfig(
-        level=settings.LOG_LEVEL.upper(),
-        format="%(asctime)s %(levelname)s worker %(name)s: %(message)s",
-    )
+    logs.configure(settings.LOG_LEVEL, settings.LOG_FORMAT, "worker")
     torch.set_num_threads(settings.worker_threads())
     worker = Worker(settings)
 
