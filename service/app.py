@@ -18,9 +18,19 @@ from service.api.errors import install_error_handlers
 from service.api.fastpath import PredictFastPath
 from service.api.hosts import AllowedHostsMiddleware
 from service.api.limits import BodyLimitMiddleware
-from service.api.openapi import install_openapi
+from service.api.openapi import TAGS, install_openapi
 from service.api.request_id import install_request_ids
-from service.api.routes import architectures, datasets, health, jobs, models, predict, v2, versions
+from service.api.routes import (
+    architectures,
+    datasets,
+    docs,
+    health,
+    jobs,
+    models,
+    predict,
+    v2,
+    versions,
+)
 from service.checkpoints.store import CheckpointStore
 from service.datasets.store import DatasetStore
 from service.db.engine import make_engine, make_sessionmaker, migrate
@@ -119,6 +129,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Serve PyTorch BatchNorm models from checked, versioned, atomically swapped "
         "checkpoints",
         lifespan=lifespan,
+        openapi_tags=TAGS,
+        # Served by service/api/routes/docs.py with local assets instead of FastAPI's CDN ones.
+        docs_url=None,
+        redoc_url=None,
         # FastAPI's built-in OpenTelemetry hooks look up the global providers (and the
         # environment) on every request: 9% of the event loop's time per prediction in a py-spy
         # profile (issue #8). bnserve's metrics are Prometheus (/metrics); nothing uses OTel.
@@ -138,4 +152,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_openapi(app, settings)
     for module in (health, architectures, models, versions, predict, v2, datasets, jobs):
         app.include_router(module.router)
+    docs.install_docs(app)
     return app
