@@ -12,14 +12,15 @@ from __future__ import annotations
 import sys
 import types
 import typing
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import torch
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from service.serving.device import resolve_device
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
 
 
 class StartupError(Exception):
@@ -88,6 +89,8 @@ def load_settings(**overrides: Any) -> Settings:
 
 def available_devices() -> list[str]:
     """The `BNSERVE_DEVICE` values that work on this machine."""
+    import torch
+
     devices = ["auto", "cpu"]
     if torch.cuda.is_available():
         devices += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
@@ -102,7 +105,9 @@ def preflight(settings: Settings) -> torch.device:
     Returns the device. `service.app.build_services` and the worker do the same again (cheap:
     imports are cached), after this has made sure neither fails there.
     """
+    # Imported here: `load_settings` stays light for `service.healthcheck`, run every few seconds.
     from models import load_plugins
+    from service.serving.device import resolve_device
 
     try:
         device = resolve_device(settings.DEVICE)
