@@ -23,13 +23,13 @@ from service.logs import request_id
 
 HEADER = b"x-request-id"
 _PLAUSIBLE = re.compile(rb"[\x21-\x7e]{1,128}")
-_PREFIX = os.urandom(4).hex() + "-"
+_PREFIX = os.urandom(4).hex().encode() + b"-"
 _counter = itertools.count(1)
 
 
-def new_request_id() -> str:
+def new_request_id() -> bytes:
     """A fresh id: the process's prefix and the next value of its counter, in hex."""
-    return f"{_PREFIX}{next(_counter):x}"
+    return _PREFIX + b"%x" % next(_counter)
 
 
 class RequestIdMiddleware:
@@ -46,7 +46,7 @@ class RequestIdMiddleware:
                 given = value
                 break
         rid = given if given is not None and _PLAUSIBLE.fullmatch(given) else None
-        header = rid if rid is not None else new_request_id().encode()
+        header = rid if rid is not None else new_request_id()
         token = request_id.set(header.decode())
 
         async def send_with_id(message: Message) -> None:
