@@ -8,6 +8,7 @@ Each test runs the real `python -m service` (or `service.worker`) process.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -99,4 +100,19 @@ def test_a_plugin_that_does_not_import_fails_before_anything_is_written(tmp_path
     (line,) = _lines(result.stderr)
     assert line.startswith("bnserve: BNSERVE_ARCHITECTURE_PLUGINS: "), line
     assert "no_such_plugin_module" in line, line
+    assert not data_dir.exists()
+
+
+def test_a_port_in_use_fails_before_anything_is_written(tmp_path):
+    """uvicorn binds after the app's lifespan (migrations, the demo); bnserve binds first."""
+    data_dir = tmp_path / "data"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _start("service", data_dir, BNSERVE_PORT=str(port))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    (line,) = [x for x in _lines(result.stderr) if x.startswith("bnserve: ")]
+    assert f"cannot listen on 127.0.0.1:{port} (BNSERVE_HOST, BNSERVE_PORT)" in line, line
     assert not data_dir.exists()
