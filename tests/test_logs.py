@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 from collections.abc import Iterator
 
@@ -100,8 +101,14 @@ def test_text_lines_of_a_request_carry_its_id(text_lines):
     assert all(re.match(stamp, line) for line in lines), lines
 
 
-def test_json_lines_from_server_uvicorn_and_worker(spawn):
+def test_json_lines_from_server_uvicorn_and_worker(spawn, tmp_path):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "bnserve_log_test_plugin.py").write_text('"""Registers nothing."""\n')
+    path = os.pathsep.join(p for p in (str(plugins), os.environ.get("PYTHONPATH")) if p)
     proc = spawn(
+        PYTHONPATH=path,
+        BNSERVE_ARCHITECTURE_PLUGINS="bnserve_log_test_plugin",
         BNSERVE_LOG_FORMAT="json",
         BNSERVE_LOG_LEVEL="info",
         BNSERVE_ACCESS_LOG="true",
@@ -128,6 +135,8 @@ def test_json_lines_from_server_uvicorn_and_worker(spawn):
     assert all({"time", "level", "role", "logger", "message"} <= set(r) for r in records)
     messages = {(r["role"], r["logger"], r["message"]) for r in records}
     assert any(m[1] == "uvicorn.error" and "Uvicorn running on" in m[2] for m in messages), text
+    loaded = "loaded architecture plugin modules: bnserve_log_test_plugin"
+    assert {m[0] for m in messages if m[2] == loaded} == {"api", "worker"}, text
     epochs = [m[2] for m in messages if m[0] == "worker" and f"job {job} epoch" in m[2]]
     assert len(epochs) == 2, text
     assert all(
