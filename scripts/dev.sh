@@ -4,8 +4,12 @@
 #                          the demo model on http://127.0.0.1:8000
 #   scripts/dev.sh test    creates .venv, installs bnserve with its dev tools, runs ruff, mypy, pytest
 #   scripts/dev.sh bench   creates .venv, installs bnserve with LitServe, runs bench/serving.py
+#   scripts/dev.sh install [EXTRAS]   only the set-up, e.g. `install "[postgres]"`: the
+#                          Dockerfile's install step, so the image is built by this same recipe
 # PyTorch comes first and pinned (TORCH_SPEC, default torch==2.13.0): the project's range would
-# otherwise let pip fetch a multi-GB CUDA build. Extra arguments go to uvicorn's server / pytest.
+# otherwise let pip fetch a multi-GB CUDA build. TORCH_INDEX_URL, when set, is the index PyTorch
+# alone comes from (the Dockerfile's CPU or CUDA wheels). VENV picks the environment's folder.
+# Extra arguments go to uvicorn's server / pytest.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -33,10 +37,14 @@ setup() {
     # Reinstall only when what we install changed.
     local stamp="$VENV/.bnserve-installed"
     local want
-    want="$TORCH_SPEC $extras $(sha256sum pyproject.toml | cut -c1-16)"
+    want="$TORCH_SPEC ${TORCH_INDEX_URL:-} $extras $(sha256sum pyproject.toml | cut -c1-16)"
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        local torch_index=()
+        if [ -n "${TORCH_INDEX_URL:-}" ]; then
+            torch_index=(--index-url "$TORCH_INDEX_URL")
+        fi
         "$VENV/bin/python" -m pip install --quiet --upgrade pip
-        "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
+        "$VENV/bin/python" -m pip install --quiet ${torch_index[@]+"${torch_index[@]}"} "$TORCH_SPEC"
         "$VENV/bin/python" -m pip install --quiet -e ".$extras"
         echo "$want" > "$stamp"
     fi
@@ -56,12 +64,15 @@ case "$command" in
         "$VENV/bin/mypy"
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
+    install)
+        setup "${1:-}"
+        ;;
     bench)
         setup "[bench]"
         exec "$VENV/bin/python" bench/serving.py "$@"
         ;;
     *)
-        echo "usage: scripts/dev.sh serve|test|bench [args]" >&2
+        echo "usage: scripts/dev.sh serve|test|bench|install [args]" >&2
         exit 2
         ;;
 esac

@@ -9,12 +9,16 @@ from service.app import configure_logging, create_app
 from service.db.engine import make_engine, make_sessionmaker, migrate
 from service.jobs import JobQueue
 from service.serving.allocator import tune_allocator
-from service.settings import Settings
+from service.startup import StartupError, exit_on_startup_error, load_settings, preflight
 from service.worker.supervisor import supervised_workers
 
 
 def main() -> None:
-    settings = Settings()
+    try:
+        settings = load_settings()
+        preflight(settings)  # before anything is written to the data dir or the database
+    except StartupError as exc:
+        exit_on_startup_error(exc)
     configure_logging(settings)
     if settings.MALLOC_TUNING:
         tune_allocator()  # before any forward pass; exported for the processes started below

@@ -12,14 +12,26 @@ import torch
 from fastapi import FastAPI
 
 from models import load_plugins
+from service import logs
 from service.api.auth import load_or_create_token
 from service.api.deps import Services
 from service.api.errors import install_error_handlers
 from service.api.fastpath import PredictFastPath
 from service.api.hosts import AllowedHostsMiddleware
 from service.api.limits import BodyLimitMiddleware
-from service.api.openapi import install_openapi
-from service.api.routes import architectures, datasets, health, jobs, models, predict, v2, versions
+from service.api.openapi import TAGS, install_openapi
+from service.api.request_id import install_request_ids
+from service.api.routes import (
+    architectures,
+    datasets,
+    docs,
+    health,
+    jobs,
+    models,
+    predict,
+    v2,
+    versions,
+)
 from service.api.routes.ui import install_ui
 from service.checkpoints.store import CheckpointStore
 from service.datasets.store import DatasetStore
@@ -39,9 +51,13 @@ log = logging.getLogger(__name__)
 
 
 def build_services(settings: Settings) -> Services:
-    """Open the database (migrating it), reconcile the stores after any crash, pick the device."""
+    """Pick the device, load the plugins, open the database (migrating it), reconcile the stores
+    after any crash. What can fail for a bad setting comes first, so it fails before any write."""
+    device = resolve_device(settings.DEVICE)
+    plugins = load_plugins(settings.ARCHITECTURE_PLUGINS)
+    if plugins:
+        log.info("loaded architecture plugin modules: %s", ", ".join(plugins))
     settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
-    load_plugins(settings.ARCHITECTURE_PLUGINS)
     engine = make_engine(settings.database_url)
     migrate(engine, settings.DATA_DIR)
     sessions = make_sessionmaker(engine)
@@ -58,7 +74,6 @@ def build_services(settings: Settings) -> Services:
     ResumeStore(settings.resume_dir, owner).sweep(jobs)
     if settings.DEMO:
         seed_demo(settings, registry, datasets, jobs, owner)
-    device = resolve_device(settings.DEVICE)
     torch.set_num_threads(settings.serve_threads())
     log.info("serving on %s with %d intra-op threads", device, torch.get_num_threads())
     metrics = Metrics()
@@ -103,12 +118,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def configure_logging(settings: Settings) -> None:
-    """Log lines with time and logger name, unless the host process set up logging already."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=settings.LOG_LEVEL.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+    """The API process's log lines (`service.logs`), unless the host process set up logging."""
+    logs.configure(settings.LOG_LEVEL, settings.LOG_FORMAT, "api")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -121,6 +132,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Serve PyTorch BatchNorm models from checked, versioned, atomically swapped "
         "checkpoints",
         lifespan=lifespan,
+        openapi_tags=TAGS,
+        # Served by service/api/routes/docs.py with local assets instead of FastAPI's CDN ones.
+        docs_url=None,
+        redoc_url=None,
         # FastAPI's built-in OpenTelemetry hooks look up the global providers (and the
         # environment) on every request: 9% of the event loop's time per prediction in a py-spy
         # profile (issue #8). bnserve's metrics are Prometheus (/metrics); nothing uses OTel.
@@ -132,9 +147,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, limit=settings.MAX_UPLOAD_BYTES)
     # Added last, so it runs first: a request for a foreign host gets no further.
     app.add_middleware(AllowedHostsMiddleware, allowed=settings.allowed_hosts())
+    # Outside every other layer, Starlette's error middleware included: even a 500 gets its id.
+    app.build_middleware_stack = install_request_ids(  # type: ignore[method-assign]
+        app.build_middleware_stack
+    )
     install_error_handlers(app)
     install_openapi(app, settings)
     for module in (health, architectures, models, versions, predict, v2, datasets, jobs):
         app.include_router(module.router)
     install_ui(app)
+    docs.install_docs(app)
     return app

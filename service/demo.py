@@ -76,5 +76,5 @@ def seed_demo(
             "seed": 0,
         },
     )
-    log.warning("created demo model %r and queued its training job", DEMO_MODEL)
+    log.info("created demo model %r and queued its training job", DEMO_MODEL)
     return True

@@ -101,6 +101,8 @@ class Settings(BaseSettings):
     # Create and train a demo model on first start with an empty registry.
     DEMO: bool = True
     LOG_LEVEL: Literal["debug", "info", "warning", "error"] = "info"
+    # `text` lines, or `json`: one object a line (service/logs.py), for the app and uvicorn alike.
+    LOG_FORMAT: Literal["text", "json"] = "text"
 
     @field_validator("ARCHITECTURE_PLUGINS", "ALLOWED_HOSTS", mode="before")
     @classmethod

@@ -210,6 +210,7 @@ def test_requests_beyond_the_cap_get_the_json_503_with_retry_after(server):
         assert r.json()["code"] == "too_many_connections"
         assert "BNSERVE_MAX_CONNECTIONS" in r.json()["detail"]
         assert int(r.headers["retry-after"]) >= 1
+        assert r.headers["x-request-id"]  # answered before the app, still with its id
     finally:
         for sock in busy:
             sock.close()

@@ -8,6 +8,7 @@ says they refuse.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +210,43 @@ def test_job_fields_take_json_numbers_not_booleans_or_strings(client, field, val
     body = assert_error(r, 422, "validation_error")
     assert body["errors"][0]["field"].startswith(field), body
     assert client.get("/v1/jobs").json() == []
+
+
+def test_every_operation_is_in_one_declared_group_that_never_mixes_v1_and_v2(client):
+    document = _document(client)
+    declared = [tag["name"] for tag in document["tags"]]
+    assert all(tag.get("description") for tag in document["tags"])
+    paths_of: dict[str, set[str]] = {name: set() for name in declared}
+    for (_, path), operation in _operations(document).items():
+        (tag,) = operation["tags"]
+        paths_of[tag].add(path)
+    for tag, paths in paths_of.items():
+        assert paths, f"tag {tag!r} is declared but has no operation"
+        families = {
+            path.split("/")[1] if path.startswith(("/v1/", "/v2")) else "" for path in paths
+        }
+        assert len(families) == 1, (tag, sorted(paths))
+
+
+_ASSET = re.compile(r"""(?:src|href)=["']([^"']+)["']""")
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_load_only_assets_this_server_serves(client, page):
+    r = client.get(page)
+    assert r.status_code == 200, r.text
+    html = r.text
+    # Nothing from a CDN or any other host: the page works offline.
+    assert not re.search(r"""(https?:)?//[a-z0-9.-]+\.[a-z]{2,}""", html, re.IGNORECASE), html
+    assets = _ASSET.findall(html)
+    assert any(a.endswith(".js") for a in assets), html
+    for asset in assets:
+        assert asset.startswith("/docs/assets/"), asset
+        served = client.get(asset)
+        assert served.status_code == 200, asset
+        assert len(served.content) > 1000, asset
+    assert "/openapi.json" in html
+    if page == "/docs":
+        assert any(a.endswith(".css") for a in assets), html
+        assert '"persistAuthorization": true' in html  # the Authorize token survives a reload
+        assert client.get("/docs/oauth2-redirect").status_code == 200

@@ -69,7 +69,7 @@ def load_or_create_token(settings: Settings) -> str:
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-    log.warning("created API token in %s (set BNSERVE_API_TOKEN to choose one)", path.resolve())
+    log.info("created API token in %s (set BNSERVE_API_TOKEN to choose one)", path.resolve())
     return token
 
 

@@ -25,6 +25,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.api.errors import error_response
+from service.api.request_id import RequestIdMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,8 @@ class _ConnectionGuard:
         ) -> None:
             await response(scope, receive, send)  # type: ignore[arg-type]
 
-        return refuse
+        # Answered before the app, so it gets its X-Request-ID here, as every response does.
+        return RequestIdMiddleware(refuse)  # type: ignore[arg-type, return-value]
 
     def _with_app_for_capacity(self, start: Any) -> None:
         """Run uvicorn's request start (`start`) with the refusing app while over the cap."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +53,11 @@ class Services:
     async def run_upload(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run blocking upload work on the upload executor (BNSERVE_UPLOAD_THREADS threads)."""
         call = functools.partial(fn, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self.upload_executor, call)
+        # In the request's context (as asyncio.to_thread does), so its log lines carry its id.
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(
+            self.upload_executor, context.run, call
+        )
 
 
 # Every dependency here is async: FastAPI runs a plain `def` dependency on its thread pool, a

@@ -44,6 +44,33 @@ _V2_MEANINGS = {
     400: "Bad request: invalid input or path, a malformed body, or the model is not ready "
     "(the protocol answers each with 400)",
 }
+# The groups of `/docs`, in its order: the v1 API by resource, then the v2 protocol, then the
+# probes. Every operation has one of these tags (tests/test_openapi.py), no tag mixes v1 and v2.
+TAGS: list[dict[str, str]] = [
+    {
+        "name": "architectures",
+        "description": "v1: the BatchNorm architectures models are built from",
+    },
+    {"name": "models", "description": "v1: create, list, inspect and delete models"},
+    {
+        "name": "versions",
+        "description": "v1: upload checkpoints as versions, download their weights, promote one",
+    },
+    {
+        "name": "predictions",
+        "description": "v1: predict with a model's serving (or a pinned) version",
+    },
+    {"name": "datasets", "description": "v1: upload and list training datasets"},
+    {"name": "jobs", "description": "v1: background training and BN recalibration jobs"},
+    {
+        "name": "open inference protocol (v2)",
+        "description": "v2: the Open Inference Protocol's REST API (Triton, KServe clients)",
+    },
+    {
+        "name": "health",
+        "description": "liveness, readiness and Prometheus metrics; no token needed",
+    },
+]
 _REF = "#/components/schemas/{model}"
 # Models a route documents by hand, added to the document's components by `install_openapi`.
 _COMPONENTS: dict[str, type[BaseModel]] = {}

@@ -7,6 +7,8 @@ protocol is the guarded one of `service.api.connections` (head timeout, idle evi
 
 from __future__ import annotations
 
+import logging
+import socket
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -17,6 +19,8 @@ from uvicorn.supervisors import Multiprocess
 
 if TYPE_CHECKING:
     from service.settings import Settings
+
+log = logging.getLogger("uvicorn.error")
 
 # Seconds a stopping server waits for requests in flight before it closes their connections.
 GRACEFUL_SHUTDOWN_S = 10
@@ -64,6 +68,9 @@ def server_config(
         "host": settings.HOST,
         "port": settings.PORT,
         "log_level": settings.LOG_LEVEL,
+        # No dictConfig of uvicorn's own: its loggers propagate to the one handler that
+        # `service.logs` installs, so the server's lines have the app's format (and request ids).
+        "log_config": None,
         "loop": event_loop(),
         "http": http_protocol(),
         "access_log": settings.ACCESS_LOG,
@@ -76,14 +83,47 @@ def server_config(
     return ServerConfig(app, header_timeout_s=settings.HEADER_TIMEOUT_S, **options)
 
 
-def serve(config: ServerConfig) -> None:
-    """Run the server until it is stopped (what `uvicorn.run` does, for a Config built here)."""
+def bind(config: ServerConfig) -> socket.socket:
+    """The server's socket, bound now: uvicorn binds only after the app's lifespan has run (its
+    migrations, the demo), so a port in use failed after the data dir was written to.
+
+    A failure is a `StartupError` naming the settings, for the one-line start-up message.
+    """
+    from service.startup import StartupError
+
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.host, config.port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(
+            f"cannot listen on {config.host}:{config.port} (BNSERVE_HOST, BNSERVE_PORT): "
+            f"{exc.strerror or exc}"
+        ) from None
+    sock.set_inheritable(True)  # for uvicorn's `--workers` children
+    host = f"[{config.host}]" if family == socket.AF_INET6 else config.host
+    log.info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", host, config.port)
+    return sock
+
+
+def serve(config: ServerConfig, sock: socket.socket | None = None) -> None:
+    """Run the server until it is stopped (what `uvicorn.run` does, for a Config built here),
+    on `sock` (from `bind`) or a socket bound now, before the app's lifespan."""
+    from service.startup import StartupError, exit_on_startup_error
+
+    if sock is None:
+        try:
+            sock = bind(config)
+        except StartupError as exc:
+            exit_on_startup_error(exc)
     server = uvicorn.Server(config)
     try:
         if config.workers > 1:
-            Multiprocess(config, sockets=[config.bind_socket()]).run()
+            Multiprocess(config, sockets=[sock]).run()
         else:
-            server.run()
+            server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
     if config.workers == 1 and not server.started:

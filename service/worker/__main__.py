@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 from types import FrameType
 
 import torch
 
+from service import logs
 from service.serving.allocator import tune_allocator
-from service.settings import Settings
+from service.startup import StartupError, exit_on_startup_error, load_settings, preflight
 from service.worker.parent import tie_to_parent
 from service.worker.runner import Worker
 
@@ -31,11 +31,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.parent_fd is not None:
         tie_to_parent(args.parent_fd)  # first, so a server that dies during start-up counts
-    settings = Settings()
-    logging.basicConfig(
-        level=settings.LOG_LEVEL.upper(),
-        format="%(asctime)s %(levelname)s worker %(name)s: %(message)s",
-    )
+    try:
+        settings = load_settings()
+        preflight(settings)  # before the worker migrates or writes anything
+    except StartupError as exc:
+        exit_on_startup_error(exc)
+    logs.configure(settings.LOG_LEVEL, settings.LOG_FORMAT, "worker")
     if settings.MALLOC_TUNING:
         tune_allocator()
     torch.set_num_threads(settings.worker_threads())

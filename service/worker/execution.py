@@ -162,8 +162,12 @@ def run_job(
             raise Cancelled
         source, better = "recalibrate", True
     else:
+        epoch_started = [time.perf_counter()]
 
         def on_epoch(m: EpochMetrics) -> None:
+            now = time.perf_counter()
+            _log_epoch(job.id, epochs, m, now - epoch_started[0])
+            epoch_started[0] = now
             hooks.on_epoch(asdict(m))
 
         meta = {"identity": identity, "parent_version": parent}
@@ -227,6 +231,25 @@ def run_job(
         registry.set_serving(model.name, row.version)
     log.info("job %s stored %s version %d (promoted: %s)", job.id, model.name, row.version, promote)
     return Outcome(result_version=row.version, promoted=promote)
+
+
+def _log_epoch(job_id: str, epochs: int, m: EpochMetrics, seconds: float) -> None:
+    """One INFO line per epoch, so a job's course can be followed in the worker's log."""
+    val = (
+        ""
+        if m.val_loss is None
+        else f", val loss {m.val_loss:.4g}"
+        + ("" if m.val_accuracy is None else f", val accuracy {m.val_accuracy:.4f}")
+    )
+    log.info(
+        "job %s epoch %d/%d: train loss %.4g%s, %.2f s",
+        job_id,
+        m.epoch,
+        epochs,
+        m.train_loss,
+        val,
+        seconds,
+    )
 
 
 def _save_state(states: ResumeStore, job_id: str, state: TrainState, meta: dict[str, Any]) -> None:

@@ -41,7 +41,11 @@ class Worker:
         from models import load_plugins
 
         self.settings = settings
-        load_plugins(settings.ARCHITECTURE_PLUGINS)
+        # The device and plugins first: a bad setting fails before the worker writes anything.
+        self.device = resolve_device(settings.DEVICE)
+        plugins = load_plugins(settings.ARCHITECTURE_PLUGINS)
+        if plugins:
+            log.info("loaded architecture plugin modules: %s", ", ".join(plugins))
         engine = make_engine(settings.database_url)
         migrate(engine, settings.DATA_DIR)
         sessions = make_sessionmaker(engine)
@@ -52,7 +56,6 @@ class Worker:
         )
         self.queue = JobQueue(sessions)
         self.states = ResumeStore(settings.resume_dir, self.owner)
-        self.device = resolve_device(settings.DEVICE)
         self.id = f"{socket.gethostname()}:{os.getpid()}:{self.owner.token[:6]}"
         self.shutdown = threading.Event()
 

@@ -1,0 +1,127 @@
+"""What must hold before a process writes anything: its settings parse, its device and plugins load.
+
+`python -m service` and `python -m service.worker` run these first, so a bad start (issue #10:
+`BNSERVE_PORT=abc` printed a 17-line pydantic traceback naming `PORT`; `BNSERVE_DEVICE=cuda` on a
+CPU machine failed after the demo model had been created and its job queued) stops with one line
+per problem, naming the `BNSERVE_*` variable and the values it takes, and leaves the data dir and
+the database exactly as they were.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import typing
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
+
+
+class StartupError(Exception):
+    """A start that cannot go on; its message is the one line the operator sees."""
+
+
+def _bounds(field: FieldInfo) -> str:
+    parts = []
+    for item in field.metadata:
+        for name, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if (value := getattr(item, name, None)) is not None:
+                parts.append(f"{word} {value}")
+    return " and ".join(parts)
+
+
+def allowed_values(field: FieldInfo) -> str:
+    """The values a setting takes, in words: `an integer >= 0 and <= 65535`, `true or false`."""
+    annotation: Any = field.annotation
+    optional = False
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(options) < len(typing.get_args(annotation))
+        annotation = options[0] if len(options) == 1 else annotation
+    if typing.get_origin(annotation) is typing.Literal:
+        text = "one of " + ", ".join(str(a) for a in typing.get_args(annotation))
+    elif annotation is bool:
+        text = "true or false"
+    elif annotation in (int, float):
+        text = "an integer" if annotation is int else "a number"
+        if bounds := _bounds(field):
+            text += f" {bounds}"
+    elif typing.get_origin(annotation) is list:
+        text = "a comma-separated list"
+    else:
+        text = "a path" if annotation.__name__ == "Path" else "a string"
+    return text + (" (or unset)" if optional else "")
+
+
+def describe(exc: ValidationError) -> str:
+    """One line per bad setting: the variable, what it was given, why not and what it takes."""
+    lines = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else ""
+        field = Settings.model_fields.get(name)
+        message = str(error["msg"]).removeprefix("Value error, ")
+        given = error.get("input")
+        # A token is a secret: never echo it, not even in an error.
+        shown = "" if name == "API_TOKEN" or not isinstance(given, str) else f"={given!r}"
+        if field is None or message.startswith(f"BNSERVE_{name}"):
+            lines.append(f"invalid setting BNSERVE_{name}{shown}: {message}")
+        else:
+            lines.append(
+                f"invalid setting BNSERVE_{name}{shown}: {message} "
+                f"(allowed: {allowed_values(field)})"
+            )
+    return "\n".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """`Settings(**overrides)` from the environment, or a `StartupError` saying what is wrong."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise StartupError(describe(exc)) from None
+
+
+def available_devices() -> list[str]:
+    """The `BNSERVE_DEVICE` values that work on this machine."""
+    import torch
+
+    devices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def preflight(settings: Settings) -> torch.device:
+    """Check what a start needs before it writes a byte: the device exists, the plugins import.
+
+    Returns the device. `service.app.build_services` and the worker do the same again (cheap:
+    imports are cached), after this has made sure neither fails there.
+    """
+    # Imported here: `load_settings` stays light for `service.healthcheck`, run every few seconds.
+    from models import load_plugins
+    from service.serving.device import resolve_device
+
+    try:
+        device = resolve_device(settings.DEVICE)
+    except RuntimeError as exc:
+        raise StartupError(f"{exc} (this machine has: {', '.join(available_devices())})") from None
+    try:
+        load_plugins(settings.ARCHITECTURE_PLUGINS)
+    except ImportError as exc:
+        raise StartupError(f"BNSERVE_ARCHITECTURE_PLUGINS: {exc}") from None
+    return device
+
+
+def exit_on_startup_error(exc: StartupError) -> NoReturn:
+    """Print the problem as `bnserve: ...` on stderr and exit 2 (a usage error), no traceback."""
+    for line in str(exc).splitlines():
+        print(f"bnserve: {line}", file=sys.stderr)
+    sys.exit(2)
