@@ -21,7 +21,8 @@ from service.api.openapi import install_openapi
 from service.api.routes import architectures, datasets, health, jobs, models, predict, v2, versions
 from service.checkpoints.store import CheckpointStore
 from service.datasets.store import DatasetStore
-from service.db.engine import make_engine, make_sessionmaker, migrate
+from service.db.engine import engine_for, make_sessionmaker, migrate
+from service.db.threads import DatabaseThreads
 from service.demo import seed_demo
 from service.files import Owner
 from service.jobs import JobQueue
@@ -40,7 +41,7 @@ def build_services(settings: Settings) -> Services:
     """Open the database (migrating it), reconcile the stores after any crash, pick the device."""
     settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
     load_plugins(settings.ARCHITECTURE_PLUGINS)
-    engine = make_engine(settings.database_url)
+    engine = engine_for(settings)
     migrate(engine, settings.DATA_DIR)
     sessions = make_sessionmaker(engine)
     owner = Owner(settings.DATA_DIR)
@@ -59,7 +60,8 @@ def build_services(settings: Settings) -> Services:
     device = resolve_device(settings.DEVICE)
     log.info("serving on %s", device)
     metrics = Metrics()
-    manager = ModelManager(settings, registry, device)
+    db = DatabaseThreads(settings.DB_THREADS)
+    manager = ModelManager(settings, registry, device, db)
     manager.on_batch = lambda name, size: metrics.batch_size.labels(name).observe(size)
 
     def on_swap(name: str, version: int) -> None:
@@ -67,6 +69,7 @@ def build_services(settings: Settings) -> Services:
         metrics.swaps.labels(name).inc()
 
     manager.on_swap = on_swap
+    manager.on_load_failure = lambda name: metrics.version_load_failures.labels(name).inc()
     return Services(
         settings=settings,
         registry=registry,
@@ -78,6 +81,7 @@ def build_services(settings: Settings) -> Services:
         device=device,
         metrics=metrics,
         upload_executor=ThreadPoolExecutor(settings.UPLOAD_THREADS, thread_name_prefix="upload"),
+        db=db,
     )
 
 
@@ -95,6 +99,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await supervisor.stop()
         await services.manager.stop()
         services.upload_executor.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(services.db.shutdown)
         services.registry.close()
         services.owner.close()
 
