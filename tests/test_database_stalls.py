@@ -169,14 +169,16 @@ def test_a_job_survives_a_database_restart_on_the_same_worker_and_attempt(
     hop = CuttableHop((host, int(port)))
     through_hop = postgres_url.replace(f"@{host}:{port}/", f"@127.0.0.1:{hop.port}/")
     data = tmp_path / "data"
-    epochs = 30
+    # Many short epochs: the hop is cut once the first one is recorded, and an epoch's write
+    # must come while it is cut (each epoch fsyncs a resume state, so it takes a few ms at least).
+    epochs = 20
     worker: WorkerProcess | None = None
     try:
         # The API talks to PostgreSQL directly, so the test can watch; the worker goes through
         # the hop that gets cut.
         with running(data, DATABASE_URL=postgres_url) as (_, c):
             create_model(c, "w", "mlp_bn")
-            x, y = blobs(800, seed=0)
+            x, y = blobs(100, seed=0)
             job_id = start_job(
                 c,
                 model="w",
@@ -193,17 +195,16 @@ def test_a_job_survives_a_database_restart_on_the_same_worker_and_attempt(
             )
             hop.cut()
             wait_until(
-                lambda: "database unavailable" in worker.log() or None,  # type: ignore[union-attr]
-                30,
-                "the worker to notice the outage",
+                lambda: "record epoch: database unavailable" in worker.log() or None,  # type: ignore[union-attr]
+                60,
+                "an epoch's write to meet the outage",
             )
-            threading.Event().wait(1.0)  # down for a while: several epochs' writes are refused
             hop.restore()
             job = wait_until(
                 lambda: (
                     (j := get_job(c, job_id))["status"] not in ("queued", "running") and j or None
                 ),
-                120,
+                90,
                 "the job to end",
             )
             assert job["status"] == "succeeded", (job, worker.log())
@@ -215,4 +216,5 @@ def test_a_job_survives_a_database_restart_on_the_same_worker_and_attempt(
     finally:
         if worker is not None:
             worker.stop()
+            print(worker.log())
         hop.close()

@@ -119,7 +119,9 @@ class Worker:
                     if not is_transient(exc):
                         log.exception("heartbeat for job %s failed", job.id)
                     else:
-                        log.warning("heartbeat for job %s failed: %s", job.id, describe(exc))
+                        log.warning(
+                            "heartbeat for job %s: database unavailable (%s)", job.id, describe(exc)
+                        )
 
         def begin_publishing() -> bool:
             began = self._retry(
