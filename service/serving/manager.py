@@ -32,6 +32,7 @@ import torch
 
 from models import get_architecture
 from service.checkpoints.validation import state_dict_from_safetensors
+from service.db.retry import is_transient
 from service.db.tables import ModelRow, VersionRow
 from service.db.threads import DatabaseThreads
 from service.errors import NotFound, NotServing, Overloaded
@@ -417,6 +418,8 @@ class ModelManager:
             except NotFound:
                 return  # deleted meanwhile; the next pass forgets it
             except Exception as exc:
+                if is_transient(exc):
+                    raise  # the database, not the version: the sync loop backs off
                 self._load_failed(name, version, exc)
                 return
             self._swap(handle)
