@@ -166,6 +166,7 @@ def _ended(c: httpx.Client, job_id: str) -> dict[str, Any] | None:
     return job if job["status"] not in ("queued", "running") else None
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_a_job_survives_a_database_restart_on_the_same_worker_and_attempt(
     postgres_url: str, tmp_path: Path

@@ -11,7 +11,9 @@ The database holds the truth about which version serves. A sync loop compares it
 process serves every `SYNC_INTERVAL_S` and swaps by the same path, so a promote made by another
 process (another replica, a training worker) arrives here within about one interval. A serving
 version that fails to load (a corrupt file) is tried again with exponential backoff, up to
-`LOAD_RETRY_MAX_S` apart, rather than read and hashed again on every pass.
+`LOAD_RETRY_MAX_S` apart, rather than read and hashed again on every pass; a pass only looks
+whether its file changed (one `stat`), and a changed file (restored by an operator) is tried at
+once.
 
 Database calls run on the database threads (`service.db.threads`), file reads, hashing and
 building in asyncio's pool: a slow database holds up loads, never predictions of loaded versions.
@@ -22,11 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -58,6 +62,18 @@ class LoadFailure:
     version: int
     attempts: int
     retry_at: float
+    # The version's file and its (inode, size, mtime) when the load failed; None if unknown.
+    path: Path | None = None
+    signature: tuple[int, int, int] | None = None
+
+
+def file_signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is rewritten or replaced, without reading it (blocking)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def forward_threads(settings: Settings) -> int:
@@ -139,6 +155,8 @@ class ModelManager:
         self._wanted: dict[str, int | None] = {}
         self._errors: dict[str, str] = {}
         self._failures: dict[str, LoadFailure] = {}
+        # The file of each model's last failed load and its signature before it was read.
+        self._failed_files: dict[str, tuple[Path, tuple[int, int, int] | None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._loading: dict[tuple[str, int], asyncio.Future[Handle]] = {}
         # Per-model `max_batch_size` from the model's serving options, read when it loads.
@@ -280,6 +298,7 @@ class ModelManager:
         self._max_batch.pop(name, None)
         self._errors.pop(name, None)
         self._failures.pop(name, None)
+        self._failed_files.pop(name, None)
         self._swapped_at.pop(name, None)
 
     def _swap(self, handle: Handle) -> Handle:
@@ -366,7 +385,14 @@ class ModelManager:
         """Read the version's rows on a database thread, then `_build` it in another thread."""
         model = await self._db.run(self._registry.get_model, name)
         row = await self._db.run(self._registry.get_version, name, version)
-        return await asyncio.to_thread(self._build, model, row)
+        path = self._registry.store.model_dir(model.id) / row.filename
+        # Taken before the read, so a file restored while it was being read counts as changed.
+        signature = await asyncio.to_thread(file_signature, path)
+        try:
+            return await asyncio.to_thread(self._build, model, row)
+        except Exception:
+            self._failed_files[name] = (path, signature)
+            raise
 
     def _build(self, model: ModelRow, row: VersionRow) -> LoadedModel:
         """Read, verify, build and gate one stored version (blocking, no database)."""
@@ -401,9 +427,8 @@ class ModelManager:
             if version is None or (current is not None and current.version == version):
                 self._wanted[name] = version
                 continue
-            failure = self._failures.get(name)
-            if failure is not None and failure.version == version and not self._due(failure):
-                continue  # failed to load: wait for its retry time rather than re-read it now
+            if await self._waiting_to_retry(name, version):
+                continue
             await self._follow(name)
 
     async def _follow(self, name: str) -> None:
@@ -424,8 +449,17 @@ class ModelManager:
                 return
             self._swap(handle)
 
-    def _due(self, failure: LoadFailure) -> bool:
-        return asyncio.get_running_loop().time() >= failure.retry_at
+    async def _waiting_to_retry(self, name: str, version: int) -> bool:
+        """Whether `version` failed to load here, its retry is not due and its file is as it was
+        (a `stat`, not a read: an unchanged file would fail the same way)."""
+        failure = self._failures.get(name)
+        if failure is None or failure.version != version:
+            return False
+        if asyncio.get_running_loop().time() >= failure.retry_at:
+            return False
+        if failure.path is None:
+            return True
+        return await asyncio.to_thread(file_signature, failure.path) == failure.signature
 
     def _load_failed(self, name: str, version: int, exc: Exception) -> None:
         """Note a failed load of the serving version, and when the sync loop may try again."""
@@ -433,7 +467,8 @@ class ModelManager:
         attempts = previous.attempts + 1 if previous and previous.version == version else 1
         delay = min(LOAD_RETRY_MAX_S, self._settings.SYNC_INTERVAL_S * 2.0**attempts)
         retry_at = asyncio.get_running_loop().time() + delay
-        self._failures[name] = LoadFailure(version, attempts, retry_at)
+        path, signature = self._failed_files.pop(name, (None, None))
+        self._failures[name] = LoadFailure(version, attempts, retry_at, path, signature)
         if self._errors.get(name) != str(exc):
             log.exception("cannot load %s version %d", name, version)
         log.warning(
