@@ -6,7 +6,7 @@ import os
 
 from service.api.server import serve, server_config
 from service.app import configure_logging, create_app
-from service.db.engine import make_engine, make_sessionmaker, migrate
+from service.db.engine import engine_for, make_sessionmaker, migrate
 from service.jobs import JobQueue
 from service.serving.allocator import tune_allocator
 from service.startup import StartupError, exit_on_startup_error, load_settings, preflight
@@ -28,7 +28,7 @@ def main() -> None:
     # Several API processes: each builds its app from the environment and follows the database
     # like a replica; training workers are started once, by this parent, not by each of them.
     settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.database_url)
+    engine = engine_for(settings)
     migrate(engine, settings.DATA_DIR)
     os.environ["BNSERVE_WORKERS"] = "0"
     with supervised_workers(settings, JobQueue(make_sessionmaker(engine))):

@@ -35,7 +35,8 @@ from service.api.routes import (
 from service.api.routes.ui import install_ui
 from service.checkpoints.store import CheckpointStore
 from service.datasets.store import DatasetStore
-from service.db.engine import make_engine, make_sessionmaker, migrate
+from service.db.engine import engine_for, make_sessionmaker, migrate
+from service.db.threads import DatabaseThreads
 from service.demo import seed_demo
 from service.files import Owner
 from service.jobs import JobQueue
@@ -58,7 +59,7 @@ def build_services(settings: Settings) -> Services:
     if plugins:
         log.info("loaded architecture plugin modules: %s", ", ".join(plugins))
     settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.database_url)
+    engine = engine_for(settings)
     migrate(engine, settings.DATA_DIR)
     sessions = make_sessionmaker(engine)
     owner = Owner(settings.DATA_DIR)
@@ -77,7 +78,8 @@ def build_services(settings: Settings) -> Services:
     torch.set_num_threads(settings.serve_threads())
     log.info("serving on %s with %d intra-op threads", device, torch.get_num_threads())
     metrics = Metrics()
-    manager = ModelManager(settings, registry, device)
+    db = DatabaseThreads(settings.DB_THREADS)
+    manager = ModelManager(settings, registry, device, db)
     manager.on_batch = lambda name, size: metrics.batch_size.labels(name).observe(size)
 
     def on_swap(name: str, version: int) -> None:
@@ -85,6 +87,7 @@ def build_services(settings: Settings) -> Services:
         metrics.swaps.labels(name).inc()
 
     manager.on_swap = on_swap
+    manager.on_load_failure = lambda name: metrics.version_load_failures.labels(name).inc()
     return Services(
         settings=settings,
         registry=registry,
@@ -96,6 +99,7 @@ def build_services(settings: Settings) -> Services:
         device=device,
         metrics=metrics,
         upload_executor=ThreadPoolExecutor(settings.UPLOAD_THREADS, thread_name_prefix="upload"),
+        db=db,
     )
 
 
@@ -113,6 +117,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await supervisor.stop()
         await services.manager.stop()
         services.upload_executor.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(services.db.shutdown)
         services.registry.close()
         services.owner.close()
 

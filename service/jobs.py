@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.db.engine import read_sessions
 from service.db.tables import JobRow, utcnow
 from service.errors import Conflict, NotFound
 
@@ -28,6 +29,7 @@ FINAL = ("succeeded", "failed", "cancelled")
 class JobQueue:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
+        self._reads = read_sessions(sessions)  # on SQLite: no write lock for reads
 
     def create(
         self,
@@ -61,7 +63,7 @@ class JobQueue:
         return row
 
     def get(self, job_id: str) -> JobRow:
-        with self._sessions.begin() as session:
+        with self._reads.begin() as session:
             row = session.get(JobRow, job_id)
             if row is None:
                 raise NotFound(f"job {job_id!r} does not exist", code="job_not_found")
@@ -71,12 +73,12 @@ class JobQueue:
         query = select(JobRow).order_by(JobRow.created_at.desc()).limit(limit)
         if status is not None:
             query = query.where(JobRow.status == status)
-        with self._sessions.begin() as session:
+        with self._reads.begin() as session:
             return list(session.scalars(query))
 
     def statuses(self, job_ids: list[str]) -> dict[str, str]:
         """The status of each of `job_ids` that still exists."""
-        with self._sessions.begin() as session:
+        with self._reads.begin() as session:
             rows = session.execute(select(JobRow.id, JobRow.status).where(JobRow.id.in_(job_ids)))
             return {job_id: status for job_id, status in rows}
 
@@ -153,11 +155,16 @@ class JobQueue:
         metrics: dict[str, Any],
         progress: dict[str, Any] | None = None,
     ) -> None:
-        """Append an epoch's metrics, with the progress that goes with them (one write)."""
+        """Append an epoch's metrics, with the progress that goes with them (one write).
+
+        Idempotent per epoch: a retry after a commit whose answer was lost replaces its entry.
+        """
         with self._sessions.begin() as session:
             row = session.get(JobRow, job_id, with_for_update=True)
             if row is not None and row.worker_id == worker_id and row.status == "running":
-                row.metrics = [*row.metrics, metrics]
+                epoch = metrics.get("epoch")
+                kept = [m for m in row.metrics if epoch is None or m.get("epoch") != epoch]
+                row.metrics = [*kept, metrics]
                 if progress is not None:
                     row.progress = progress
 

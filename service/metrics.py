@@ -46,6 +46,13 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.version_load_failures = Counter(
+            "bnserve_version_load_failures",
+            "Failed loads of a model's serving version by this process's sync (retried with "
+            "backoff)",
+            ["model"],
+            registry=self.registry,
+        )
         self.uploads = Counter(
             "bnserve_uploads",
             "Checkpoint uploads by outcome code",

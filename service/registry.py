@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from models import Architecture, ConfigError, UnknownArchitecture, get_architecture
 from service.checkpoints.store import CheckpointStore
+from service.db.engine import read_sessions
 from service.db.tables import ModelRow, VersionRow, utcnow
 from service.errors import Conflict, InvalidInput, NotFound, shorten
 from service.files import disk_full_as_error
@@ -64,6 +65,7 @@ def _no_version(name: str, version: int) -> NotFound:
 class Registry:
     def __init__(self, sessions: sessionmaker[Session], store: CheckpointStore) -> None:
         self._sessions = sessions
+        self._reads = read_sessions(sessions)
         self.store = store
 
     def close(self) -> None:
@@ -75,6 +77,12 @@ class Registry:
     @contextmanager
     def _tx(self) -> Iterator[Session]:
         with self._sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        """A transaction that only reads: on SQLite it never waits for the write lock."""
+        with self._reads.begin() as session:
             yield session
 
     # Models
@@ -119,7 +127,7 @@ class Registry:
         return row
 
     def get_model(self, name: str) -> ModelRow:
-        with self._tx() as session:
+        with self._read() as session:
             row = session.scalar(
                 select(ModelRow)
                 .where(ModelRow.name == name)
@@ -130,7 +138,7 @@ class Registry:
             return row
 
     def list_models(self) -> list[ModelRow]:
-        with self._tx() as session:
+        with self._read() as session:
             return list(
                 session.scalars(
                     select(ModelRow)
@@ -151,7 +159,7 @@ class Registry:
 
     def serving_map(self) -> dict[str, int | None]:
         """Every model's serving version: what each API process converges to."""
-        with self._tx() as session:
+        with self._read() as session:
             rows = session.execute(select(ModelRow.name, ModelRow.serving_version))
             return {name: version for name, version in rows}
 
@@ -206,7 +214,7 @@ class Registry:
         if not 1 <= version <= MAX_VERSION:
             self.get_model(name)
             raise _no_version(name, version)
-        with self._tx() as session:
+        with self._read() as session:
             row = session.scalar(
                 select(VersionRow)
                 .join(ModelRow)
@@ -243,7 +251,7 @@ class Registry:
 
     def serving_options(self, name: str) -> dict[str, Any]:
         """A model's stored serving options (empty: the settings' defaults)."""
-        with self._tx() as session:
+        with self._read() as session:
             row = session.execute(
                 select(ModelRow.id, ModelRow.serving).where(ModelRow.name == name)
             ).first()
@@ -268,7 +276,7 @@ class Registry:
 
     def _recorded_files(self) -> dict[str, dict[str, str]]:
         """Model id -> {filename: sha256} of every recorded version."""
-        with self._tx() as session:
+        with self._read() as session:
             known: dict[str, dict[str, str]] = {
                 model_id: {} for model_id in session.scalars(select(ModelRow.id))
             }

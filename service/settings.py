@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     MAX_DATASET_BYTES: int | None = Field(None, gt=0)
     # Threads that read, scan, check and store uploads, apart from the pools predictions use.
     UPLOAD_THREADS: int = Field(2, ge=1, le=64)
+    # Threads for database calls per API process, apart from the pools that parse inputs and run
+    # forward passes: a slow or locked database makes only requests that need it wait.
+    DB_THREADS: int = Field(8, ge=1, le=64)
+    # How long a SQLite write waits for another writer's lock before it fails ("database is
+    # locked"); background loops and workers then retry with backoff.
+    DB_BUSY_TIMEOUT_S: float = Field(30.0, gt=0, le=600)
     # Python modules imported at start that register extra architectures (comma-separated).
     ARCHITECTURE_PLUGINS: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
@@ -162,6 +168,10 @@ class Settings(BaseSettings):
         if self.SERVE_THREADS:
             return self.SERVE_THREADS
         return max(1, usable_cpus() // self.API_WORKERS - 1)
+
+    def db_connections(self) -> int:
+        """Pooled connections per process: one per database and upload thread, and two spare."""
+        return self.DB_THREADS + self.UPLOAD_THREADS + 2
 
     def worker_threads(self) -> int:
         if self.WORKER_THREADS:

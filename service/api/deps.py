@@ -16,6 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.auth import check_bearer
 from service.datasets.store import DatasetStore
+from service.db.threads import DatabaseThreads
 from service.files import Owner
 from service.jobs import JobQueue
 from service.metrics import Metrics
@@ -44,6 +45,8 @@ class Services:
     # in the default pool: predictions and other requests use that one, and a few slow uploads
     # once kept all of its threads busy for a minute.
     upload_executor: ThreadPoolExecutor
+    # Every database call of a request or of the serving sync (BNSERVE_DB_THREADS threads).
+    db: DatabaseThreads
     upload_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     def upload_lock(self, name: str) -> asyncio.Lock:

@@ -23,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.datasets.reader import DEFAULT_MAX_BYTES, Dataset, read_dataset, read_labels
+from service.db.engine import read_sessions
 from service.db.tables import DatasetRow, utcnow
 from service.errors import CorruptCheckpoint, InvalidInput, NotFound
 from service.files import (
@@ -53,6 +54,7 @@ class DatasetStore:
         self.root = root
         self.owner = owner
         self._sessions = sessions
+        self._reads = read_sessions(sessions)  # on SQLite: no write lock for reads
         self.max_bytes = max_bytes
         root.mkdir(parents=True, exist_ok=True)
 
@@ -104,14 +106,14 @@ class DatasetStore:
         return row
 
     def get(self, dataset_id: str) -> DatasetRow:
-        with self._sessions.begin() as session:
+        with self._reads.begin() as session:
             row = session.get(DatasetRow, dataset_id)
             if row is None:
                 raise NotFound(f"dataset {dataset_id!r} does not exist", code="dataset_not_found")
             return row
 
     def all(self) -> list[DatasetRow]:
-        with self._sessions.begin() as session:
+        with self._reads.begin() as session:
             return list(session.scalars(select(DatasetRow).order_by(DatasetRow.created_at)))
 
     def load(self, row: DatasetRow) -> Dataset:
@@ -148,7 +150,7 @@ class DatasetStore:
         its row is committed, so a listed final file with no row by then really is an orphan.
         """
         listed = [p for p in self.root.iterdir() if p.is_file()]
-        with self._sessions.begin() as session:
+        with self._reads.begin() as session:
             known = dict(session.execute(select(DatasetRow.filename, DatasetRow.sha256)).all())
         actions: list[str] = []
         for filename, sha in known.items():

@@ -9,7 +9,14 @@ last request ends, and on CUDA the freed blocks then go back to the driver (`rel
 
 The database holds the truth about which version serves. A sync loop compares it with what this
 process serves every `SYNC_INTERVAL_S` and swaps by the same path, so a promote made by another
-process (another replica, a training worker) arrives here within about one interval.
+process (another replica, a training worker) arrives here within about one interval. A serving
+version that fails to load (a corrupt file) is tried again with exponential backoff, up to
+`LOAD_RETRY_MAX_S` apart, rather than read and hashed again on every pass; a pass only looks
+whether its file changed (one `stat`), and a changed file (restored by an operator) is tried at
+once.
+
+Database calls run on the database threads (`service.db.threads`), file reads, hashing and
+building in asyncio's pool: a slow database holds up loads, never predictions of loaded versions.
 """
 
 from __future__ import annotations
@@ -17,16 +24,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from models import get_architecture
 from service.checkpoints.validation import state_dict_from_safetensors
+from service.db.retry import is_transient
+from service.db.tables import ModelRow, VersionRow
+from service.db.threads import DatabaseThreads
 from service.errors import NotFound, NotServing, Overloaded
 from service.loops import PeriodicLoop
 from service.registry import Registry
@@ -37,6 +49,31 @@ from service.serving.optimize import OptimizeOptions
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# The longest wait between two tries to load a serving version that failed to load; the waits
+# double from one sync interval up to it. A promote (or a fixed file and a restart) tries at once.
+LOAD_RETRY_MAX_S = 60.0
+
+
+@dataclass
+class LoadFailure:
+    """A serving version that failed to load here, and when the sync loop may try it again."""
+
+    version: int
+    attempts: int
+    retry_at: float
+    # The version's file and its (inode, size, mtime) when the load failed; None if unknown.
+    path: Path | None = None
+    signature: tuple[int, int, int] | None = None
+
+
+def file_signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is rewritten or replaced, without reading it (blocking)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def forward_threads(settings: Settings) -> int:
@@ -102,9 +139,12 @@ def with_probabilities(loaded: LoadedModel) -> Callable[[torch.Tensor], torch.Te
 
 
 class ModelManager:
-    def __init__(self, settings: Settings, registry: Registry, device: torch.device) -> None:
+    def __init__(
+        self, settings: Settings, registry: Registry, device: torch.device, db: DatabaseThreads
+    ) -> None:
         self._settings = settings
         self._registry = registry
+        self._db = db
         self.device = device
         self._executor = ThreadPoolExecutor(
             max_workers=forward_threads(settings), thread_name_prefix="forward"
@@ -114,6 +154,9 @@ class ModelManager:
         self._cache: OrderedDict[tuple[str, int], Handle] = OrderedDict()
         self._wanted: dict[str, int | None] = {}
         self._errors: dict[str, str] = {}
+        self._failures: dict[str, LoadFailure] = {}
+        # The file of each model's last failed load and its signature before it was read.
+        self._failed_files: dict[str, tuple[Path, tuple[int, int, int] | None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._loading: dict[tuple[str, int], asyncio.Future[Handle]] = {}
         # Per-model `max_batch_size` from the model's serving options, read when it loads.
@@ -124,6 +167,7 @@ class ModelManager:
         self._sync_loop = PeriodicLoop("serving sync", settings.SYNC_INTERVAL_S, self.sync_once)
         self.on_batch: Callable[[str, int], None] | None = None
         self.on_swap: Callable[[str, int], None] | None = None
+        self.on_load_failure: Callable[[str], None] | None = None
 
     # Life cycle
 
@@ -183,7 +227,7 @@ class ModelManager:
             async with self.lock(name):
                 handle = self._cache.get(key)
                 if handle is None:
-                    handle = self._new_handle(await asyncio.to_thread(self._load, name, version))
+                    handle = self._new_handle(await self._load(name, version))
                     self._remember(handle)
             future.set_result(handle)
             return handle
@@ -203,7 +247,7 @@ class ModelManager:
         """A model that serves in the database but not yet here: a replica that has not synced
         since the model got its first version. Load it now rather than refuse the request, unless
         loading it already failed (the sync loop retries that; a request should not)."""
-        model = await asyncio.to_thread(self._registry.get_model, name)  # 404 if unknown
+        model = await self._db.run(self._registry.get_model, name)  # 404 if unknown
         if model.serving_version is None:
             raise NotServing(
                 f"model {name!r} has no serving version yet: upload one "
@@ -225,9 +269,9 @@ class ModelManager:
     async def install(self, loaded: LoadedModel) -> Handle:
         """Make an already loaded and gated version serve (after its promote is recorded)."""
         async with self.lock(loaded.name):
-            options = await asyncio.to_thread(self._registry.serving_options, loaded.name)
+            options = await self._db.run(self._registry.serving_options, loaded.name)
             self._note_options(loaded.name, options)
-            await asyncio.to_thread(self._registry.set_serving, loaded.name, loaded.version)
+            await self._db.run(self._registry.set_serving, loaded.name, loaded.version)
             return self._swap(self._new_handle(loaded))
 
     async def promote(self, name: str, version: int) -> Handle:
@@ -235,7 +279,7 @@ class ModelManager:
         async with self.lock(name):
             handle = await self._obtain(name, version)
             try:
-                await asyncio.to_thread(self._registry.set_serving, name, version)
+                await self._db.run(self._registry.set_serving, name, version)
             except BaseException:
                 if handle is not self._serving.get(name):  # the serving one stays where it is
                     self._remember(handle)
@@ -253,6 +297,8 @@ class ModelManager:
         self._wanted.pop(name, None)
         self._max_batch.pop(name, None)
         self._errors.pop(name, None)
+        self._failures.pop(name, None)
+        self._failed_files.pop(name, None)
         self._swapped_at.pop(name, None)
 
     def _swap(self, handle: Handle) -> Handle:
@@ -263,6 +309,7 @@ class ModelManager:
         self._swaps += 1
         self._swapped_at[name] = self._swaps
         self._errors.pop(name, None)
+        self._failures.pop(name, None)
         if old is not None and old is not handle:
             self._remember(old)
         if self.on_swap is not None:
@@ -278,7 +325,7 @@ class ModelManager:
         cached = self._cache.pop((name, version), None)
         if cached is not None:
             return cached
-        return self._new_handle(await asyncio.to_thread(self._load, name, version))
+        return self._new_handle(await self._load(name, version))
 
     def _remember(self, handle: Handle) -> None:
         """Keep a non-serving version in the LRU cache, evicting beyond its size."""
@@ -334,14 +381,27 @@ class ModelManager:
         )
         return Handle(loaded, batcher)
 
-    def _load(self, name: str, version: int) -> LoadedModel:
-        """Read, verify, build and gate one stored version (blocking)."""
-        model, row, data = self._registry.read_checkpoint(name, version)
-        self._note_options(name, model.serving or {})
+    async def _load(self, name: str, version: int) -> LoadedModel:
+        """Read the version's rows on a database thread, then `_build` it in another thread."""
+        model = await self._db.run(self._registry.get_model, name)
+        row = await self._db.run(self._registry.get_version, name, version)
+        path = self._registry.store.model_dir(model.id) / row.filename
+        # Taken before the read, so a file restored while it was being read counts as changed.
+        signature = await asyncio.to_thread(file_signature, path)
+        try:
+            return await asyncio.to_thread(self._build, model, row)
+        except Exception:
+            self._failed_files[name] = (path, signature)
+            raise
+
+    def _build(self, model: ModelRow, row: VersionRow) -> LoadedModel:
+        """Read, verify, build and gate one stored version (blocking, no database)."""
+        data = self._registry.store.read(model.id, row.filename, row.sha256)
+        self._note_options(model.name, model.serving or {})
         arch = get_architecture(model.architecture)
         return build_loaded(
-            name=name,
-            version=version,
+            name=model.name,
+            version=row.version,
             sha256=row.sha256,
             architecture=arch,
             config=arch.parse_config(model.config),
@@ -355,7 +415,7 @@ class ModelManager:
 
     async def sync_once(self) -> None:
         before = self._swaps
-        wanted = await asyncio.to_thread(self._registry.serving_map)
+        wanted = await self._db.run(self._registry.serving_map)
         # A model swapped here while the DB was read is newer than what was read: leave it.
         fresh = {name for name, at in self._swapped_at.items() if at > before}
         gone = {*self._serving, *self._wanted} - set(wanted) - fresh
@@ -368,11 +428,13 @@ class ModelManager:
             if version is None or (current is not None and current.version == version):
                 self._wanted[name] = version
                 continue
+            if await self._waiting_to_retry(name, version):
+                continue
             await self._follow(name)
 
     async def _follow(self, name: str) -> None:
         async with self.lock(name):
-            version = (await asyncio.to_thread(self._registry.serving_map)).get(name)
+            version = (await self._db.run(self._registry.serving_map)).get(name)
             self._wanted[name] = version
             current = self._serving.get(name)
             if version is None or (current is not None and current.version == version):
@@ -382,11 +444,44 @@ class ModelManager:
             except NotFound:
                 return  # deleted meanwhile; the next pass forgets it
             except Exception as exc:
-                if self._errors.get(name) != str(exc):
-                    log.exception("cannot load %s version %d", name, version)
-                self._errors[name] = str(exc)
+                if is_transient(exc):
+                    raise  # the database, not the version: the sync loop backs off
+                self._load_failed(name, version, exc)
                 return
             self._swap(handle)
+
+    async def _waiting_to_retry(self, name: str, version: int) -> bool:
+        """Whether `version` failed to load here, its retry is not due and its file is as it was
+        (a `stat`, not a read: an unchanged file would fail the same way)."""
+        failure = self._failures.get(name)
+        if failure is None or failure.version != version:
+            return False
+        if asyncio.get_running_loop().time() >= failure.retry_at:
+            return False
+        if failure.path is None:
+            return True
+        return await asyncio.to_thread(file_signature, failure.path) == failure.signature
+
+    def _load_failed(self, name: str, version: int, exc: Exception) -> None:
+        """Note a failed load of the serving version, and when the sync loop may try again."""
+        previous = self._failures.get(name)
+        attempts = previous.attempts + 1 if previous and previous.version == version else 1
+        delay = min(LOAD_RETRY_MAX_S, self._settings.SYNC_INTERVAL_S * 2.0**attempts)
+        retry_at = asyncio.get_running_loop().time() + delay
+        path, signature = self._failed_files.pop(name, (None, None))
+        self._failures[name] = LoadFailure(version, attempts, retry_at, path, signature)
+        if self._errors.get(name) != str(exc):
+            log.exception("cannot load %s version %d", name, version)
+        log.warning(
+            "loading %s version %d failed (attempt %d); next try in %.1f s",
+            name,
+            version,
+            attempts,
+            delay,
+        )
+        self._errors[name] = str(exc)
+        if self.on_load_failure is not None:
+            self.on_load_failure(name)
 
     # Introspection
 
@@ -395,7 +490,7 @@ class ModelManager:
 
         A promote made by another process shows here as not ready until this process has swapped.
         """
-        return self.readiness(await asyncio.to_thread(self._registry.serving_map))
+        return self.readiness(await self._db.run(self._registry.serving_map))
 
     def readiness(
         self, wanted: dict[str, int | None] | None = None

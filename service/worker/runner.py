@@ -8,6 +8,12 @@ hands it back to the queue.
 A training job saves its state at the end of every epoch (`service.worker.resume`); a job handed
 back (shutdown, a dead worker, a stale heartbeat) continues from there on whichever worker claims
 it next, and its state file goes when the job ends.
+
+A database that goes away for a while (a PostgreSQL restart, a SQLite lock held past the busy
+timeout) stops neither the worker nor its job: claims back off and try again, the job's own
+updates (epochs, publishing, its end) are retried with backoff while training waits, and a
+transient error anywhere else before publishing hands the job back without counting the attempt,
+so it resumes from its last epoch (`service.db.retry`).
 """
 
 from __future__ import annotations
@@ -17,13 +23,15 @@ import os
 import socket
 import threading
 import traceback
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
 from service.checkpoints.store import CheckpointStore
 from service.datasets.store import DatasetStore
-from service.db.engine import make_engine, make_sessionmaker, migrate
+from service.db.engine import engine_for, make_sessionmaker, migrate
+from service.db.retry import Backoff, describe, is_transient, retrying
 from service.db.tables import JobRow
 from service.files import Owner
 from service.jobs import JobQueue
@@ -34,6 +42,8 @@ from service.worker.execution import Cancelled, JobHooks, run_job
 from service.worker.resume import ResumeStore
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Worker:
@@ -46,7 +56,7 @@ class Worker:
         plugins = load_plugins(settings.ARCHITECTURE_PLUGINS)
         if plugins:
             log.info("loaded architecture plugin modules: %s", ", ".join(plugins))
-        engine = make_engine(settings.database_url)
+        engine = engine_for(settings)
         migrate(engine, settings.DATA_DIR)
         sessions = make_sessionmaker(engine)
         self.owner = Owner(settings.DATA_DIR)
@@ -61,16 +71,38 @@ class Worker:
 
     def run_forever(self) -> None:
         log.info("worker %s ready on %s", self.id, self.device)
+        backoff = Backoff()
         while not self.shutdown.is_set():
-            self.queue.reap_stale(self.settings.JOB_STALE_AFTER_S, self.settings.JOB_MAX_ATTEMPTS)
-            # A listing of a small folder: it also catches states of jobs that ended elsewhere.
-            self.states.sweep(self.queue)
-            job = self.queue.claim(self.id)
+            try:
+                job = self._next_job()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                wait = backoff.next_wait()
+                log.warning(
+                    "worker %s: database unavailable (%s); trying again in %.1f s",
+                    self.id,
+                    describe(exc),
+                    wait,
+                )
+                self.shutdown.wait(wait)
+                continue
+            backoff.reset()
             if job is None:
                 self.shutdown.wait(self.settings.WORKER_POLL_S)
                 continue
             self.run_one(job)
         self.owner.close()
+
+    def _next_job(self) -> JobRow | None:
+        self.queue.reap_stale(self.settings.JOB_STALE_AFTER_S, self.settings.JOB_MAX_ATTEMPTS)
+        # A listing of a small folder: it also catches states of jobs that ended elsewhere.
+        self.states.sweep(self.queue)
+        return self.queue.claim(self.id)
+
+    def _retry(self, what: str, call: Callable[[], T]) -> T:
+        """A job update, tried again through a database outage until it lands or we shut down."""
+        return retrying(call, what, self.shutdown)
 
     def run_one(self, job: JobRow) -> None:
         log.info("worker %s runs job %s (%s %s)", self.id, job.id, job.kind, job.model_name)
@@ -78,25 +110,44 @@ class Worker:
         progress: dict[str, Any] = {}
         beating = threading.Event()
 
+        publishing = threading.Event()
+
         def beat() -> None:
+            # Every beat tries once: the interval is already the backoff's natural pace.
             while not beating.wait(self.settings.WORKER_HEARTBEAT_S):
                 try:
                     if not self.queue.heartbeat(job.id, self.id, dict(progress) or None):
                         stop.set()
-                except Exception:
-                    log.exception("heartbeat for job %s failed", job.id)
+                except Exception as exc:
+                    if not is_transient(exc):
+                        log.exception("heartbeat for job %s failed", job.id)
+                    else:
+                        log.warning(
+                            "heartbeat for job %s: database unavailable (%s)", job.id, describe(exc)
+                        )
+
+        def begin_publishing() -> bool:
+            began = self._retry(
+                f"job {job.id}: begin publishing",
+                lambda: self.queue.begin_publishing(job.id, self.id),
+            )
+            if began:
+                publishing.set()
+            return began
 
         hooks = JobHooks(
             should_stop=lambda: stop.is_set() or self.shutdown.is_set(),
             on_progress=progress.update,
             # Progress goes with each epoch's metrics, so the two never disagree when read.
-            on_epoch=lambda metrics: self.queue.add_epoch(
-                job.id, self.id, metrics, dict(progress) or None
+            on_epoch=lambda metrics: self._retry(
+                f"job {job.id}: record epoch",
+                lambda: self.queue.add_epoch(job.id, self.id, metrics, dict(progress) or None),
             ),
-            begin_publishing=lambda: self.queue.begin_publishing(job.id, self.id),
+            begin_publishing=begin_publishing,
             holds_job=lambda: not stop.is_set(),
-            on_resume=lambda metrics, resumed: self.queue.restore_epochs(
-                job.id, self.id, metrics, resumed
+            on_resume=lambda metrics, resumed: self._retry(
+                f"job {job.id}: restore epochs",
+                lambda: self.queue.restore_epochs(job.id, self.id, metrics, resumed),
             ),
         )
         thread = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
@@ -106,19 +157,28 @@ class Worker:
             outcome = run_job(job, self.registry, self.datasets, self.device, hooks, self.states)
         except Cancelled:
             if self.shutdown.is_set() and not stop.is_set():
-                self.queue.release(job.id, self.id)
+                self._retry(f"job {job.id}: hand back", lambda: self.queue.release(job.id, self.id))
                 log.info("job %s handed back to the queue on shutdown", job.id)
             else:
-                ended = self.queue.finish(job.id, self.id, "cancelled")
+                ended = self._end(job.id, "cancelled")
                 log.info("job %s cancelled", job.id)
         except Exception as exc:
-            log.error("job %s failed:\n%s", job.id, traceback.format_exc())
-            ended = self.queue.finish(job.id, self.id, "failed", error=_describe(exc))
+            if is_transient(exc) and not publishing.is_set():
+                # The database went away under a step that is not retried (reading the model,
+                # dataset or base weights, storing the result): nothing was published, so the
+                # job goes back to the queue with its attempt and resumes from its last epoch.
+                log.warning("job %s handed back: database unavailable (%s)", job.id, describe(exc))
+                self._retry(f"job {job.id}: hand back", lambda: self.queue.release(job.id, self.id))
+            else:
+                log.error("job %s failed:\n%s", job.id, traceback.format_exc())
+                ended = self._end(job.id, "failed", error=_describe(exc))
         else:
-            self.queue.heartbeat(job.id, self.id, dict(progress) or None)
-            ended = self.queue.finish(
+            self._retry(
+                f"job {job.id}: heartbeat",
+                lambda: self.queue.heartbeat(job.id, self.id, dict(progress) or None),
+            )
+            ended = self._end(
                 job.id,
-                self.id,
                 "succeeded",
                 result_version=outcome.result_version,
                 promoted=outcome.promoted,
@@ -131,6 +191,13 @@ class Worker:
             thread.join()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def _end(self, job_id: str, status: str, **result: Any) -> bool:
+        """`JobQueue.finish`, retried through an outage; False when the job is no longer ours."""
+        return self._retry(
+            f"job {job_id}: end {status}",
+            lambda: self.queue.finish(job_id, self.id, status, **result),
+        )
 
 
 def _describe(exc: Exception) -> str:

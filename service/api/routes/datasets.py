@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -37,9 +36,9 @@ async def upload_dataset(request: Request, services: ServicesDep) -> DatasetPubl
 
 @router.get("", dependencies=[ReadAuth])
 async def list_datasets(services: ServicesDep) -> list[DatasetPublic]:
-    return [DatasetPublic.of(r) for r in await asyncio.to_thread(services.datasets.all)]
+    return [DatasetPublic.of(r) for r in await services.db.run(services.datasets.all)]
 
 
 @router.get("/{dataset_id}", dependencies=[ReadAuth], responses=errors(404))
 async def get_dataset(dataset_id: str, services: ServicesDep) -> DatasetPublic:
-    return DatasetPublic.of(await asyncio.to_thread(services.datasets.get, dataset_id))
+    return DatasetPublic.of(await services.db.run(services.datasets.get, dataset_id))

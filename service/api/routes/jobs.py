@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -125,13 +124,13 @@ async def list_jobs(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[JobPublic]:
-    rows = await asyncio.to_thread(services.jobs.recent, status=status, limit=limit)
+    rows = await services.db.run(services.jobs.recent, status=status, limit=limit)
     return [JobPublic.of(r) for r in rows]
 
 
 @router.get("/{job_id}", dependencies=[ReadAuth], responses=errors(404))
 async def get_job(job_id: str, services: ServicesDep) -> JobPublic:
-    return JobPublic.of(await asyncio.to_thread(services.jobs.get, job_id))
+    return JobPublic.of(await services.db.run(services.jobs.get, job_id))
 
 
 @router.post(
@@ -139,4 +138,4 @@ async def get_job(job_id: str, services: ServicesDep) -> JobPublic:
 )
 async def cancel_job(job_id: str, services: ServicesDep) -> JobPublic:
     """A queued job ends `cancelled` at once; a running one stops within a training step."""
-    return JobPublic.of(await asyncio.to_thread(services.jobs.cancel, job_id))
+    return JobPublic.of(await services.db.run(services.jobs.cancel, job_id))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Response
 
 from models import get_architecture
@@ -24,7 +22,7 @@ def model_public(row: ModelRow) -> ModelPublic:
 @router.post("", status_code=201, dependencies=[WriteAuth], responses=errors(409, 422))
 async def create_model(body: ModelCreate, services: ServicesDep) -> ModelPublic:
     serving = body.serving.model_dump(exclude_none=True) or None
-    row = await asyncio.to_thread(
+    row = await services.db.run(
         services.registry.create_model,
         body.name,
         body.architecture,
@@ -37,18 +35,18 @@ async def create_model(body: ModelCreate, services: ServicesDep) -> ModelPublic:
 
 @router.get("", dependencies=[ReadAuth])
 async def list_models(services: ServicesDep) -> list[ModelPublic]:
-    rows = await asyncio.to_thread(services.registry.list_models)
+    rows = await services.db.run(services.registry.list_models)
     return [model_public(row) for row in rows]
 
 
 @router.get("/{name}", dependencies=[ReadAuth], responses=errors(404))
 async def get_model(name: str, services: ServicesDep) -> ModelPublic:
-    return model_public(await asyncio.to_thread(services.registry.get_model, name))
+    return model_public(await services.db.run(services.registry.get_model, name))
 
 
 @router.delete("/{name}", status_code=204, dependencies=[WriteAuth], responses=errors(404))
 async def delete_model(name: str, services: ServicesDep) -> Response:
     async with services.upload_lock(name):
-        await asyncio.to_thread(services.registry.delete_model, name)
+        await services.db.run(services.registry.delete_model, name)
     services.manager.forget(name)
     return Response(status_code=204)

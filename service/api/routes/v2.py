@@ -152,9 +152,9 @@ async def ready(services: ServicesDep) -> JSONResponse:
 
 
 async def _metadata(services: Services, name: str, version: int | None) -> ModelMetadata:
-    row = await asyncio.to_thread(services.registry.get_model, name)
+    row = await services.db.run(services.registry.get_model, name)
     if version is not None:
-        await asyncio.to_thread(services.registry.get_version, name, version)  # 404 if absent
+        await services.db.run(services.registry.get_version, name, version)  # 404 if absent
         versions = [str(version)]
     else:
         versions = [str(v.version) for v in row.versions]
