@@ -29,6 +29,7 @@ from service.metrics import Metrics
 from service.registry import Registry
 from service.serving.device import resolve_device
 from service.serving.manager import ModelManager
+from service.serving.precision import apply_precision, backend_precisions
 from service.settings import Settings
 from service.worker.resume import ResumeStore
 from service.worker.supervisor import WorkerSupervisor
@@ -57,7 +58,8 @@ def build_services(settings: Settings) -> Services:
     if settings.DEMO:
         seed_demo(settings, registry, datasets, jobs, owner)
     device = resolve_device(settings.DEVICE)
-    log.info("serving on %s", device)
+    apply_precision(settings.FP32_PRECISION)
+    log.info("serving on %s, fp32 precision %s", device, backend_precisions())
     metrics = Metrics()
     manager = ModelManager(settings, registry, device)
     manager.on_batch = lambda name, size: metrics.batch_size.labels(name).observe(size)
