@@ -10,7 +10,8 @@ changed since) before an upload is read, a job is queued or trained, and in the 
 
 from __future__ import annotations
 
-import torch
+import functools
+
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -56,24 +57,27 @@ def require_running_stats(
 
 
 def check_architecture(arch: Architecture, config: ArchConfig) -> None:
-    """Refuse a model whose modules bnserve could not serve, before anything is stored or read.
+    """Refuse a model whose modules bnserve could not serve, before anything is stored or read."""
+    problem = _problem(arch, config.model_dump_json())
+    if problem is not None:
+        raise InvalidInput(problem[1], code=problem[0])
 
-    The module is built on the meta device (structure only, no memory: a large ResNet costs
-    nothing), or for real where a builder cannot work on meta.
-    """
+
+# Building is the only way to see a plugin's layers, and costs up to a second for a large ResNet
+# (the meta device would hold no memory, but its first use imports torch._dynamo: 10 s here).
+# Remembered per architecture and config: a plugin changes only with a restart.
+@functools.lru_cache(maxsize=256)
+def _problem(arch: Architecture, config_json: str) -> tuple[str, str] | None:
+    """(code, detail) of what keeps `arch` with this config from serving, or None."""
     try:
-        with torch.device("meta"):
-            module = arch.build(config)
-    except Exception:
-        try:
-            module = arch.build(config)
-        except Exception as exc:
-            raise InvalidInput(
-                f"architecture {arch.name!r} could not build a module from this config "
-                f"({type(exc).__name__}: {exc})",
-                code="invalid_config",
-            ) from None
-    require_running_stats(module, arch.name)
+        module = arch.build(arch.config_cls.model_validate_json(config_json))
+    except Exception as exc:
+        return "invalid_config", (
+            f"architecture {arch.name!r} could not build a module from this config "
+            f"({type(exc).__name__}: {exc})"
+        )
+    problem = running_stats_problem(module, arch.name)
+    return None if problem is None else (CODE, problem)
 
 
 def check_model(model: ModelRow) -> None:
