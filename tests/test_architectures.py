@@ -20,10 +20,10 @@ import pytest
 
 from models import list_architectures
 from models.registry import _unregister
-from service.architectures import _problem
+from service.architectures import _problem, batchnorms_without_running_stats
 from service.worker.runner import Worker
 from tests.conftest import AUTH, pt_bytes, upload
-from tests.helpers_api import assert_error, running
+from tests.helpers_api import assert_error, builtin_architectures, running
 from tests.helpers_jobs import blobs, dataset_id, get_job, post_job
 
 PLUGIN = """
@@ -162,3 +162,10 @@ def test_an_exception_in_the_gate_probe_is_the_gate_refusal(tmp_path: Path, plug
         assert "RuntimeError: this forward wants a batch" in answer["detail"]
         assert answer["error_type"] == "RuntimeError"
         assert client.get("/v1/models/r/versions").json() == []
+
+
+def test_builtin_architectures_need_no_build_to_pass() -> None:
+    """`check_architecture` trusts `models/` without building: every BN layer there tracks."""
+    for arch in builtin_architectures():
+        module = arch.build(arch.default_config())
+        assert batchnorms_without_running_stats(module) == [], arch.name
