@@ -2,11 +2,11 @@
 
 It proves the BatchNorm promise on the real object: every module is in eval mode, a probe batch
 gives finite outputs, each probe sample gives the same output alone as inside the batch (a model
-left in train mode differs by ~0.1-1, kernel rounding by ~1e-7; allclose at rtol 1e-4, atol 1e-5,
-or 1e-2 and 1e-3 under TF32, `precision.py`), and the forward passes leave the
-BN running statistics untouched. A BN layer without running statistics is refused first (it
-would make every output batch-dependent), and anything the probe raises is the gate's own
-refusal, not a 500: a forward that cannot run on the architecture's own input shape cannot serve.
+left in train mode differs by ~0.1-1, kernel rounding by ~1e-7; allclose at rtol 1e-4, atol
+1e-5, or 1e-2 and 1e-3 under TF32, `precision.py`), and the forward passes leave the BN running
+statistics untouched. A BN layer without running statistics is refused first (it would make
+every output batch-dependent), and anything the probe raises is the gate's own refusal, not a
+500: a forward that cannot run on the architecture's own input shape cannot serve.
 """
 
 from __future__ import annotations
