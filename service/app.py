@@ -44,6 +44,7 @@ from service.metrics import Metrics
 from service.registry import Registry
 from service.serving.device import resolve_device
 from service.serving.manager import ModelManager
+from service.serving.precision import apply_precision, backend_precisions
 from service.settings import Settings
 from service.worker.resume import ResumeStore
 from service.worker.supervisor import WorkerSupervisor
@@ -75,8 +76,14 @@ def build_services(settings: Settings) -> Services:
     ResumeStore(settings.resume_dir, owner).sweep(jobs)
     if settings.DEMO:
         seed_demo(settings, registry, datasets, jobs, owner)
+    apply_precision(settings.FP32_PRECISION)
     torch.set_num_threads(settings.serve_threads())
-    log.info("serving on %s with %d intra-op threads", device, torch.get_num_threads())
+    log.info(
+        "serving on %s with %d intra-op threads, fp32 precision %s",
+        device,
+        torch.get_num_threads(),
+        backend_precisions(),
+    )
     metrics = Metrics()
     db = DatabaseThreads(settings.DB_THREADS)
     manager = ModelManager(settings, registry, device, db)

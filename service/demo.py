@@ -4,6 +4,10 @@ On first start with an empty registry (and `BNSERVE_DEMO=true`, the default) the
 model `demo` (`mlp_bn`, 2-D points -> class `inner` or `outer`), a generated dataset of two
 concentric rings, and a training job that promotes its result. A worker (the server starts one
 by default) trains it in seconds; then `POST /v1/models/demo/predict` answers.
+
+Only the first start: the file `<data dir>/demo-seeded` records that the choice was made, so a
+demo the operator deleted stays deleted (an empty registry alone once brought it back on every
+start). A registry from before the marker counts as started if it holds any model or dataset.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 DEMO_MODEL = "demo"
+MARKER = "demo-seeded"
 
 
 def rings(n: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -39,9 +44,23 @@ def rings(n: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def seed_demo(
     settings: Settings, registry: Registry, datasets: DatasetStore, jobs: JobQueue, owner: Owner
 ) -> bool:
-    """Create the demo once, when the registry is empty; returns whether it did."""
-    if registry.list_models():
+    """Create the demo on the first start of an empty registry; returns whether it did."""
+    marker = settings.DATA_DIR / MARKER
+    if marker.exists():
         return False
+    seeded = (
+        not registry.list_models()
+        and not datasets.all()
+        and _create(settings, registry, datasets, jobs, owner)
+    )
+    # Written whether or not this start seeded: from now on the registry has had its first start.
+    marker.touch()
+    return seeded
+
+
+def _create(
+    settings: Settings, registry: Registry, datasets: DatasetStore, jobs: JobQueue, owner: Owner
+) -> bool:
     try:
         model = registry.create_model(
             DEMO_MODEL,

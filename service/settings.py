@@ -104,7 +104,11 @@ class Settings(BaseSettings):
     # PyTorch threads per worker; 0 shares this machine's cores among the server's workers, so
     # several workers do not oversubscribe the CPU (which slows each of them several-fold).
     WORKER_THREADS: int = Field(0, ge=0)
-    # Create and train a demo model on first start with an empty registry.
+    # fp32 precision of CUDA matmuls and convolutions in the API and the workers: `ieee` (true
+    # fp32) or `tf32` (tensor cores, ~1e-3 relative); the gate's and the optimizations' checks
+    # loosen with it (service/serving/precision.py). PyTorch's own default runs convs in TF32.
+    FP32_PRECISION: Literal["ieee", "tf32"] = "ieee"
+    # Create and train a demo model on the first start of an empty registry.
     DEMO: bool = True
     LOG_LEVEL: Literal["debug", "info", "warning", "error"] = "info"
     # `text` lines, or `json`: one object a line (service/logs.py), for the app and uvicorn alike.

@@ -101,6 +101,10 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc.__cause__, BNServeError):
+        # FastAPI turns anything raised while it reads a JSON body into a 400 "error parsing
+        # the body" (`raise HTTPException(400) from e`): the chunked body limit's 413 among them.
+        return await _domain(request, exc.__cause__)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     headers = dict(exc.headers or {})
     if exc.status_code == 405 and (allowed := allowed_methods(request.app, request.url.path)):

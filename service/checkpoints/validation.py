@@ -32,6 +32,7 @@ _CODES = {
     "layout": "bad_layout",
     "non_finite": "non_finite",
     "negative_running_var": "negative_running_var",
+    "negative_num_batches_tracked": "negative_num_batches_tracked",
 }
 _SHOWN = 3
 
@@ -95,7 +96,7 @@ def validate_state_dict(
         else:
             errors.append({"key": key, "problem": "missing", "expected": list(ref.shape)})
     errors += [
-        {"key": key, "problem": "unexpected", "found": list(t.shape)}
+        {"key": key, "problem": "unexpected", "found": _shape(t)}
         for key, t in tensors.items()
         if key not in expected
     ]
@@ -107,6 +108,14 @@ def validate_state_dict(
         found = tensors.get(key)
         if found is None:
             continue
+        if found.is_nested or found.layout != torch.strided:
+            # Sparse, nested (or other non-dense) tensors: the dtype may be right, the layout is
+            # not. Checked before the shape, which a nested tensor does not have (its `.shape`
+            # raises: a 500 once).
+            errors.append(
+                {"key": key, "problem": "layout", "expected": "strided", "found": _layout(found)}
+            )
+            continue
         if found.shape != ref.shape:
             errors.append(
                 {
@@ -114,17 +123,6 @@ def validate_state_dict(
                     "problem": "shape_mismatch",
                     "expected": list(ref.shape),
                     "found": list(found.shape),
-                }
-            )
-            continue
-        if found.layout != torch.strided:
-            # Sparse (or other non-dense) tensors: the dtype may be right, the layout is not.
-            errors.append(
-                {
-                    "key": key,
-                    "problem": "layout",
-                    "expected": "strided",
-                    "found": str(found.layout).removeprefix("torch."),
                 }
             )
             continue
@@ -180,6 +178,15 @@ def _strip_prefixes(
     return tensors, renamed
 
 
+def _layout(t: torch.Tensor) -> str:
+    return "nested" if t.is_nested else str(t.layout).removeprefix("torch.")
+
+
+def _shape(t: torch.Tensor) -> list[int] | str:
+    """A tensor's shape for an error; a nested tensor has none, only its layout."""
+    return _layout(t) if t.is_nested else list(t.shape)
+
+
 def _dtype_refusal(found: torch.Tensor, ref: torch.Tensor) -> dict[str, str] | None:
     """Floats may change precision, integer buffers may widen; nothing else changes kind."""
     # Quantized tensors fail on their dtype below; meta tensors hold no values at all.
@@ -201,6 +208,12 @@ def _value_problems(key: str, value: torch.Tensor) -> list[dict[str, Any]]:
         inf = int(torch.isinf(value).sum())
         if nan or inf:
             problems.append({"key": key, "problem": "non_finite", "nan": nan, "inf": inf})
+    if key.rsplit(".", 1)[-1] == "num_batches_tracked" and int((value < 0).sum()):
+        # With momentum=None BatchNorm averages with factor 1 / num_batches_tracked, so a count
+        # of -1 makes the next train-mode step divide by zero (and any negative one is no count).
+        problems.append(
+            {"key": key, "problem": "negative_num_batches_tracked", "found": int(value.min())}
+        )
     if key.rsplit(".", 1)[-1] == "running_var":
         negative = int((value < 0).sum())
         if negative:
@@ -241,7 +254,9 @@ def _batchnorm_report(
                 num_batches_tracked=tracked,
                 running_mean_abs_mean=float(mean.double().abs().mean()) if mean.numel() else 0.0,
                 running_var_mean=float(var.double().mean()) if var.numel() else 0.0,
-                stats_trained=not untouched and tracked != 0,
+                # Judged by the values alone: a zero counter with moved statistics is a
+                # legacy checkpoint (or bnserve's own stored copy of one), not untrained.
+                stats_trained=not untouched,
             )
         )
 
@@ -250,7 +265,7 @@ def _batchnorm_report(
     if untrained:
         warnings.append(
             f"{len(untrained)} of {len(layers)} BatchNorm layer(s) have default running "
-            f"statistics (mean 0 and var 1, or num_batches_tracked 0): {_keys(untrained)}. "
+            f"statistics (running_mean 0 and running_var 1 everywhere): {_keys(untrained)}. "
             "Predictions will use these defaults instead of statistics of the training data; "
             "recalibrate them with train-mode forward passes over representative data (a BN "
             "recalibration job) before serving."
@@ -306,10 +321,15 @@ def _summary(errors: list[dict[str, Any]]) -> str:
             parts.append(
                 f"{n} tensor{'s' * (n != 1)} with NaN or Inf ({_keys(e['key'] for e in group)})"
             )
-        else:
+        elif problem == "negative_running_var":
             parts.append(
                 f"{n} running_var{'s' * (n != 1)} with negative values "
                 f"({_keys(e['key'] for e in group)})"
+            )
+        else:
+            parts.append(
+                f"{n} negative num_batches_tracked ({_keys(e['key'] for e in group)}); a count "
+                "of batches is never below 0"
             )
     hint = _prefix_hint(errors)
     return f"The checkpoint does not fit the architecture: {', '.join(parts)}.{hint}"

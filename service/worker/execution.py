@@ -20,11 +20,13 @@ import torch
 from torch import nn
 
 from models import get_architecture
+from service.architectures import require_running_stats
 from service.checkpoints.validation import state_dict_from_safetensors
 from service.datasets.store import DatasetStore
 from service.db.tables import DatasetRow, JobRow, ModelRow
 from service.publishing import prepare, publish
 from service.registry import Registry
+from service.serving.precision import current_precision
 from service.training.recalibration import recalibrate_bn
 from service.training.state import TrainState
 from service.training.trainer import EpochMetrics, TrainParams, compare, evaluate, train
@@ -107,6 +109,18 @@ def _saved_state(
     return saved
 
 
+def environment(device: torch.device) -> dict[str, Any]:
+    """What a run's bit-for-bit result depends on besides its inputs and seed: the torch build,
+    the device, the intra-op threads (they change the order of float reductions) and the fp32
+    precision of CUDA kernels."""
+    return {
+        "torch": torch.__version__,
+        "device": str(device),
+        "intra_op_threads": torch.get_num_threads(),
+        "fp32_precision": current_precision(),
+    }
+
+
 def run_job(
     job: JobRow,
     registry: Registry,
@@ -132,6 +146,8 @@ def run_job(
     # otherwise the same job (and the seed its lineage records) could not be run again.
     torch.manual_seed(seed)
     module = arch.build(config)
+    # Before any training: a job queued before its plugin changed would train, then fail the gate.
+    require_running_stats(module, arch.name)
     if parent is not None and saved is None:
         module.load_state_dict(_weights(registry, model.name, parent))
     data = datasets.load(dataset_row)
@@ -147,6 +163,7 @@ def run_job(
         "dataset_id": dataset_row.id,
         "dataset_sha256": dataset_row.sha256,
         "hyperparameters": dict(job.params),
+        "environment": environment(device),
     }
     if job.kind == "recalibrate_bn":
         done = recalibrate_bn(

@@ -37,6 +37,7 @@ from service.files import Owner
 from service.jobs import JobQueue
 from service.registry import Registry
 from service.serving.device import resolve_device
+from service.serving.precision import apply_precision, backend_precisions
 from service.settings import Settings
 from service.worker.execution import Cancelled, JobHooks, run_job
 from service.worker.resume import ResumeStore
@@ -66,11 +67,14 @@ class Worker:
         )
         self.queue = JobQueue(sessions)
         self.states = ResumeStore(settings.resume_dir, self.owner)
+        apply_precision(settings.FP32_PRECISION)
         self.id = f"{socket.gethostname()}:{os.getpid()}:{self.owner.token[:6]}"
         self.shutdown = threading.Event()
 
     def run_forever(self) -> None:
-        log.info("worker %s ready on %s", self.id, self.device)
+        log.info(
+            "worker %s ready on %s, fp32 precision %s", self.id, self.device, backend_precisions()
+        )
         backoff = Backoff()
         while not self.shutdown.is_set():
             try:

@@ -11,6 +11,7 @@ from models import get_architecture
 from service.api.deps import ReadAuth, Services, ServicesDep, WriteAuth
 from service.api.openapi import errors
 from service.api.schemas import JobCreate, JobPublic
+from service.architectures import check_architecture
 from service.datasets.reader import check_labels_for_model, check_shapes_for_model
 from service.db.tables import JobRow
 from service.errors import InvalidInput, NotServing
@@ -77,7 +78,9 @@ def _create(services: Services, body: JobCreate) -> JobRow:
     the worker verifies the sha256 when it loads the whole dataset).
     """
     model = services.registry.get_model(body.model)
-    config = get_architecture(model.architecture).parse_config(model.config)
+    arch = get_architecture(model.architecture)
+    config = arch.parse_config(model.config)
+    check_architecture(arch, config)
     dataset_row = services.datasets.get(body.dataset)
     params = _validated_params(body, dataset_row.num_samples)
     base = body.base_version

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Response
 
 from models import get_architecture
 from service.api.deps import ReadAuth, ServicesDep, WriteAuth
 from service.api.openapi import errors
 from service.api.schemas import ModelCreate, ModelPublic
+from service.architectures import check_architecture
 from service.db.tables import ModelRow
+from service.registry import parse_config
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -19,8 +23,14 @@ def model_public(row: ModelRow) -> ModelPublic:
     return ModelPublic.of(row, tuple(config.input_shape()), config.task, config.labels())
 
 
+def _check_servable(body: ModelCreate) -> None:
+    """422 for a config or architecture bnserve could not serve, before the model exists."""
+    check_architecture(*parse_config(body.architecture, body.config))
+
+
 @router.post("", status_code=201, dependencies=[WriteAuth], responses=errors(409, 422))
 async def create_model(body: ModelCreate, services: ServicesDep) -> ModelPublic:
+    await asyncio.to_thread(_check_servable, body)
     serving = body.serving.model_dump(exclude_none=True) or None
     row = await services.db.run(
         services.registry.create_model,

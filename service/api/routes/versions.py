@@ -15,6 +15,7 @@ from service.api.deps import ReadAuth, ServicesDep, WriteAuth
 from service.api.openapi import errors
 from service.api.schemas import PromoteResult, VersionPublic
 from service.api.uploads import received_file, upload_form
+from service.architectures import check_model
 from service.errors import BNServeError, InvalidInput
 from service.publishing import prepare_upload, publish
 from service.registry import MAX_VERSION
@@ -55,6 +56,8 @@ async def upload_version(name: str, request: Request, services: ServicesDep) -> 
     """Check a state_dict upload, store it as the next version and (by default) serve it."""
     registry = services.registry
     model = await services.db.run(registry.get_model, name)
+    # Before the body is read: a model created before this check, or whose plugin changed since.
+    await services.db.run(check_model, model)
     expected = (
         "the state_dict saved with torch.save(model.state_dict(), path) (.pt/.pth) "
         "or a .safetensors file"
