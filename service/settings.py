@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     # PyTorch threads per worker; 0 shares this machine's cores among the server's workers, so
     # several workers do not oversubscribe the CPU (which slows each of them several-fold).
     WORKER_THREADS: int = Field(0, ge=0)
+    # Test-only fault injection, never for production: `after_publish` makes a training worker
+    # SIGKILL itself right after it stored a job's version, before it marks the job finished.
+    TEST_CRASH_POINT: Literal["", "after_publish"] = ""
     # Create and train a demo model on first start with an empty registry.
     DEMO: bool = True
     LOG_LEVEL: Literal["debug", "info", "warning", "error"] = "info"

@@ -31,6 +31,8 @@ class LoadedModel:
     labels: list[str] | None
     extra: dict[str, Any] = field(default_factory=dict)
     optimizations: OptimizationReport = field(default_factory=OptimizationReport)
+    # The model's id: names are reused after a delete, ids never (`registry.Identity`).
+    model_id: str = ""
 
     @property
     def is_classifier(self) -> bool:
@@ -53,6 +55,7 @@ def build_loaded(
     state_dict: dict[str, torch.Tensor],
     device: torch.device,
     options: OptimizeOptions | None = None,
+    model_id: str = "",
 ) -> LoadedModel:
     """Build, fill (strict), move, switch to eval, gate, optimize; blocking, so call from a thread.
 
@@ -83,4 +86,5 @@ def build_loaded(
         task=config.task,
         labels=config.labels(),
         optimizations=report,
+        model_id=model_id,
     )

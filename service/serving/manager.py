@@ -10,6 +10,12 @@ last request ends, and on CUDA the freed blocks then go back to the driver (`rel
 The database holds the truth about which version serves. A sync loop compares it with what this
 process serves every `SYNC_INTERVAL_S` and swaps by the same path, so a promote made by another
 process (another replica, a training worker) arrives here within about one interval.
+
+Names are reused: a model deleted and created again is another model. So every comparison with
+the database is by identity (`registry.Identity`: the model's id, the version and its sha256),
+never by name and number alone. A sync pass drops every handle of a name that now stands for
+another model (or none); each load re-checks the identity it read once it is done, before its
+handle is cached or swapped in; and a delete takes the same per-name lock as loads and promotes.
 """
 
 from __future__ import annotations
@@ -27,9 +33,9 @@ import torch
 
 from models import get_architecture
 from service.checkpoints.validation import state_dict_from_safetensors
-from service.errors import NotFound, NotServing, Overloaded
+from service.errors import ModelReplaced, NotFound, NotServing, Overloaded
 from service.loops import PeriodicLoop
-from service.registry import Registry
+from service.registry import Identity, Registry
 from service.serving.batcher import Admission, Batcher
 from service.serving.device import release_memory
 from service.serving.loaded import LoadedModel, build_loaded
@@ -112,7 +118,7 @@ class ModelManager:
         self.admission = Admission(settings.MAX_QUEUED_SAMPLES)
         self._serving: dict[str, Handle] = {}
         self._cache: OrderedDict[tuple[str, int], Handle] = OrderedDict()
-        self._wanted: dict[str, int | None] = {}
+        self._wanted: dict[str, Identity] = {}
         self._errors: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._loading: dict[tuple[str, int], asyncio.Future[Handle]] = {}
@@ -183,7 +189,9 @@ class ModelManager:
             async with self.lock(name):
                 handle = self._cache.get(key)
                 if handle is None:
-                    handle = self._new_handle(await asyncio.to_thread(self._load, name, version))
+                    loaded = await self._load_confirmed(name, version)
+                    self._drop_other_models(name, loaded.model_id)
+                    handle = self._new_handle(loaded)
                     self._remember(handle)
             future.set_result(handle)
             return handle
@@ -224,18 +232,26 @@ class ModelManager:
 
     async def install(self, loaded: LoadedModel) -> Handle:
         """Make an already loaded and gated version serve (after its promote is recorded)."""
-        async with self.lock(loaded.name):
-            options = await asyncio.to_thread(self._registry.serving_options, loaded.name)
-            self._note_options(loaded.name, options)
-            await asyncio.to_thread(self._registry.set_serving, loaded.name, loaded.version)
+        name = loaded.name
+        async with self.lock(name):
+            options = await asyncio.to_thread(self._registry.serving_options, name)
+            self._note_options(name, options)
+            await asyncio.to_thread(
+                self._registry.set_serving, name, loaded.version, model_id=loaded.model_id
+            )
+            self._drop_other_models(name, loaded.model_id)
             return self._swap(self._new_handle(loaded))
 
     async def promote(self, name: str, version: int) -> Handle:
         """Load and gate `version` if needed, record it as serving, then swap it in."""
         async with self.lock(name):
-            handle = await self._obtain(name, version)
+            wanted = await asyncio.to_thread(self._registry.version_identity, name, version)
+            self._drop_other_models(name, wanted.model_id)
+            handle = await self._obtain(name, wanted)
             try:
-                await asyncio.to_thread(self._registry.set_serving, name, version)
+                await asyncio.to_thread(
+                    self._registry.set_serving, name, version, model_id=wanted.model_id
+                )
             except BaseException:
                 if handle is not self._serving.get(name):  # the serving one stays where it is
                     self._remember(handle)
@@ -255,11 +271,31 @@ class ModelManager:
         self._errors.pop(name, None)
         self._swapped_at.pop(name, None)
 
+    def _drop_other_models(self, name: str, model_id: str) -> None:
+        """Forget what this process holds for `name` when it was another model's (deleted)."""
+        held = [self._serving.get(name)] + [h for (n, _), h in self._cache.items() if n == name]
+        wanted = self._wanted.get(name)
+        if (wanted is not None and wanted.model_id != model_id) or any(
+            h is not None and h.loaded.model_id != model_id for h in held
+        ):
+            log.info("model %s was deleted and created again: dropping its old versions", name)
+            self.forget(name)
+
+    @staticmethod
+    def _matches(handle: Handle, wanted: Identity) -> bool:
+        """Whether `handle` is exactly `wanted`: the same model, version and bytes."""
+        loaded = handle.loaded
+        return (
+            loaded.model_id == wanted.model_id
+            and loaded.version == wanted.version
+            and loaded.sha256 == wanted.sha256
+        )
+
     def _swap(self, handle: Handle) -> Handle:
         name = handle.loaded.name
         old = self._serving.get(name)
         self._serving[name] = handle  # the swap: one reference change
-        self._wanted[name] = handle.version
+        self._wanted[name] = Identity(handle.loaded.model_id, handle.version, handle.loaded.sha256)
         self._swaps += 1
         self._swapped_at[name] = self._swaps
         self._errors.pop(name, None)
@@ -270,15 +306,18 @@ class ModelManager:
         log.info("model %s now serves version %d", name, handle.version)
         return handle
 
-    async def _obtain(self, name: str, version: int) -> Handle:
-        """The handle for `version` to be swapped in: the serving or a cached one, else loaded."""
+    async def _obtain(self, name: str, wanted: Identity) -> Handle:
+        """The handle for `wanted` to be swapped in: the serving or a cached one, else loaded."""
+        assert wanted.version is not None
         current = self._serving.get(name)
-        if current is not None and current.version == version:
+        if current is not None and self._matches(current, wanted):
             return current
-        cached = self._cache.pop((name, version), None)
+        cached = self._cache.pop((name, wanted.version), None)
         if cached is not None:
-            return cached
-        return self._new_handle(await asyncio.to_thread(self._load, name, version))
+            if self._matches(cached, wanted):
+                return cached
+            self._retire(cached)
+        return self._new_handle(await self._load_confirmed(name, wanted.version, wanted.model_id))
 
     def _remember(self, handle: Handle) -> None:
         """Keep a non-serving version in the LRU cache, evicting beyond its size."""
@@ -334,9 +373,25 @@ class ModelManager:
         )
         return Handle(loaded, batcher)
 
-    def _load(self, name: str, version: int) -> LoadedModel:
+    async def _load_confirmed(
+        self, name: str, version: int, model_id: str | None = None
+    ) -> LoadedModel:
+        """Load a version, then check it is still what the name stands for.
+
+        A load takes a while (reading, hashing, the gate, the optimizations); a delete made by
+        another process meanwhile must not leave its handle here (404, or 409 `model_replaced`).
+        """
+        loaded = await asyncio.to_thread(self._load, name, version, model_id)
+        now = await asyncio.to_thread(self._registry.version_identity, name, version)
+        if now != Identity(loaded.model_id, loaded.version, loaded.sha256):
+            raise await asyncio.to_thread(
+                self._registry.model_gone, name, loaded.model_id, "it was being loaded"
+            )
+        return loaded
+
+    def _load(self, name: str, version: int, model_id: str | None = None) -> LoadedModel:
         """Read, verify, build and gate one stored version (blocking)."""
-        model, row, data = self._registry.read_checkpoint(name, version)
+        model, row, data = self._registry.read_checkpoint(name, version, model_id=model_id)
         self._note_options(name, model.serving or {})
         arch = get_architecture(model.architecture)
         return build_loaded(
@@ -348,38 +403,46 @@ class ModelManager:
             state_dict=state_dict_from_safetensors(data),
             device=self.device,
             options=OptimizeOptions.from_settings(self._settings),
+            model_id=model.id,
         )
 
     # Following the database
 
     async def sync_once(self) -> None:
         before = self._swaps
-        wanted = await asyncio.to_thread(self._registry.serving_map)
+        wanted = await asyncio.to_thread(self._registry.serving_identities)
         # A model swapped here while the DB was read is newer than what was read: leave it.
         fresh = {name for name, at in self._swapped_at.items() if at > before}
-        gone = {*self._serving, *self._wanted} - set(wanted) - fresh
-        for name in gone:  # deleted, possibly by another process
-            self.forget(name)
-        for name, version in wanted.items():
+        held = {*self._serving, *self._wanted, *(name for name, _ in self._cache)} - fresh
+        for name in held:
+            if name not in wanted:  # deleted, possibly by another process
+                self.forget(name)
+            else:  # or deleted and created again: the same name, another model
+                self._drop_other_models(name, wanted[name].model_id)
+        for name, ident in wanted.items():
             if name in fresh:
                 continue
             current = self._serving.get(name)
-            if version is None or (current is not None and current.version == version):
-                self._wanted[name] = version
+            if ident.version is None or (current is not None and self._matches(current, ident)):
+                self._wanted[name] = ident
                 continue
             await self._follow(name)
 
     async def _follow(self, name: str) -> None:
         async with self.lock(name):
-            version = (await asyncio.to_thread(self._registry.serving_map)).get(name)
-            self._wanted[name] = version
-            current = self._serving.get(name)
-            if version is None or (current is not None and current.version == version):
-                return
-            try:
-                handle = await self._obtain(name, version)
-            except NotFound:
+            wanted = (await asyncio.to_thread(self._registry.serving_identities)).get(name)
+            if wanted is None:
                 return  # deleted meanwhile; the next pass forgets it
+            self._drop_other_models(name, wanted.model_id)
+            self._wanted[name] = wanted
+            current = self._serving.get(name)
+            if wanted.version is None or (current is not None and self._matches(current, wanted)):
+                return
+            version = wanted.version
+            try:
+                handle = await self._obtain(name, wanted)
+            except (NotFound, ModelReplaced):
+                return  # deleted (and perhaps created again) meanwhile; the next pass follows
             except Exception as exc:
                 if self._errors.get(name) != str(exc):
                     log.exception("cannot load %s version %d", name, version)
@@ -392,25 +455,25 @@ class ModelManager:
     async def check_readiness(self) -> dict[str, dict[str, object]]:
         """`readiness` against the database as it is now, not as of the last sync pass.
 
-        A promote made by another process shows here as not ready until this process has swapped.
+        A promote made by another process shows here as not ready until this process has swapped,
+        and so does a model deleted and created again whose old weights this process still holds.
         """
-        return self.readiness(await asyncio.to_thread(self._registry.serving_map))
+        return self.readiness(await asyncio.to_thread(self._registry.serving_identities))
 
-    def readiness(
-        self, wanted: dict[str, int | None] | None = None
-    ) -> dict[str, dict[str, object]]:
+    def readiness(self, wanted: dict[str, Identity] | None = None) -> dict[str, dict[str, object]]:
         """Per model: the version the database wants, the one served here, any load error and
-        the non-serving versions loaded for `?version=N` (least recently used first)."""
+        the non-serving versions loaded for `?version=N` (least recently used first). Ready only
+        when the served version is the wanted one of the same model, with the same sha256."""
         out: dict[str, dict[str, object]] = {}
-        for name, version in (self._wanted if wanted is None else wanted).items():
-            if version is None:
+        for name, ident in (self._wanted if wanted is None else wanted).items():
+            if ident.version is None:
                 continue
             current = self._serving.get(name)
             served = current.version if current is not None else None
             out[name] = {
-                "wanted": version,
+                "wanted": ident.version,
                 "serving": served,
-                "ready": served == version,
+                "ready": current is not None and self._matches(current, ident),
                 "error": self._errors.get(name),
                 "cached": [v for (n, v) in self._cache if n == name],
             }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import traceback
@@ -26,7 +27,7 @@ from service.datasets.store import DatasetStore
 from service.db.engine import make_engine, make_sessionmaker, migrate
 from service.db.tables import JobRow
 from service.files import Owner
-from service.jobs import JobQueue
+from service.jobs import JobQueue, result_recorder
 from service.registry import Registry
 from service.serving.device import resolve_device
 from service.settings import Settings
@@ -95,6 +96,7 @@ class Worker:
             on_resume=lambda metrics, resumed: self.queue.restore_epochs(
                 job.id, self.id, metrics, resumed
             ),
+            record_result=lambda promoted: result_recorder(job.id, self.id, promoted),
         )
         thread = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
         thread.start()
@@ -112,6 +114,10 @@ class Worker:
             log.error("job %s failed:\n%s", job.id, traceback.format_exc())
             ended = self.queue.finish(job.id, self.id, "failed", error=_describe(exc))
         else:
+            if self.settings.TEST_CRASH_POINT == "after_publish":
+                # Test-only fault injection (tests/test_job_publishing.py): die as a SIGKILL
+                # would, after the version is stored and before the job is marked finished.
+                os.kill(os.getpid(), signal.SIGKILL)
             self.queue.heartbeat(job.id, self.id, dict(progress) or None)
             ended = self.queue.finish(
                 job.id,
