@@ -382,7 +382,12 @@ class ModelManager:
         another process meanwhile must not leave its handle here (404, or 409 `model_replaced`).
         """
         loaded = await asyncio.to_thread(self._load, name, version, model_id)
-        now = await asyncio.to_thread(self._registry.version_identity, name, version)
+        try:
+            now: Identity | None = await asyncio.to_thread(
+                self._registry.version_identity, name, version
+            )
+        except NotFound:
+            now = None
         if now != Identity(loaded.model_id, loaded.version, loaded.sha256):
             raise await asyncio.to_thread(
                 self._registry.model_gone, name, loaded.model_id, "it was being loaded"
