@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.tables import JobRow, VersionRow, utcnow
+from service.db.tables import JobRow, ModelRow, VersionRow, utcnow
 from service.errors import Conflict, NotFound
 
 ACTIVE = ("queued", "running")
@@ -108,6 +108,13 @@ class JobQueue:
             created_at=utcnow(),
         )
         with self._sessions.begin() as session:
+            # Jobs have no foreign key to their model (they outlive it): the model must still be
+            # there, locked against a delete (PostgreSQL), or the job would be orphaned.
+            locked = session.scalar(
+                select(ModelRow.id).where(ModelRow.id == model_id).with_for_update()
+            )
+            if locked is None:
+                raise NotFound(f"model {model_name!r} was deleted", code="model_not_found")
             session.add(row)
         return row
 

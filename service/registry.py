@@ -154,7 +154,10 @@ class Registry:
         """Delete a model with its versions and files; its queued and running jobs end
         `cancelled` in the same transaction (their rows stay). Returns the model's id."""
         with self._tx() as session:
-            model_id = session.scalar(select(ModelRow.id).where(ModelRow.name == name))
+            # Locked first (PostgreSQL), so a job created meanwhile is either seen here or refused.
+            model_id = session.scalar(
+                select(ModelRow.id).where(ModelRow.name == name).with_for_update()
+            )
             if model_id is None:
                 raise NotFound(f"model {shorten(name)!r} does not exist", code="model_not_found")
             end_jobs_of_deleted_model(session, model_id, name)

@@ -102,6 +102,7 @@ def test_upload_streaming_while_its_model_is_replaced_stores_nothing(spawn, tmp_
     assert _stored_files(server.data_dir) == []
 
 
+@pytest.mark.slow
 def test_a_replica_drops_a_deleted_models_weights_when_its_name_is_created_again(spawn):
     env = {"BNSERVE_SYNC_INTERVAL_S": str(SYNC_INTERVAL_S)}
     a, b = spawn(**env), spawn(**env)
@@ -162,6 +163,7 @@ def _load_is_held(gate: Path) -> bool:
     return gate.with_name(gate.name + ".entered").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["same process", "other process"])
 def test_a_delete_during_a_pinned_load_leaves_no_handle_for_the_new_model(
     spawn, tmp_path: Path, where: str

@@ -12,9 +12,18 @@ import signal
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
-from tests.conftest import AUTH, ServerProcess, create_model
+from service.checkpoints.store import CheckpointStore
+from service.checkpoints.validation import state_dict_to_safetensors
+from service.datasets.store import DatasetStore
+from service.db.engine import make_engine, make_sessionmaker, migrate
+from service.errors import Conflict
+from service.files import Owner
+from service.jobs import JobQueue, result_recorder
+from service.registry import Registry
+from tests.conftest import AUTH, ServerProcess, create_model, trained_state_dict
 from tests.helpers_jobs import (
     FAST_WORKER_ENV,
     WorkerProcess,
@@ -27,8 +36,6 @@ from tests.helpers_jobs import (
     wait_job,
     wait_until,
 )
-
-pytestmark = pytest.mark.slow
 
 STALE = {"BNSERVE_JOB_STALE_AFTER_S": "2"}
 
@@ -52,6 +59,7 @@ def _job(c: httpx.Client, epochs: int) -> str:
     )
 
 
+@pytest.mark.slow
 def test_a_worker_killed_right_after_publishing_leaves_a_completed_job(spawn, tmp_path: Path):
     server = spawn(**FAST_WORKER_ENV, **STALE)
     settings = {k: v for k, v in server.env.items() if k.startswith("BNSERVE_")}
@@ -85,6 +93,7 @@ def test_a_worker_killed_right_after_publishing_leaves_a_completed_job(spawn, tm
         assert [v["version"] for v in versions(c, "m")] == [1]  # never a second one
 
 
+@pytest.mark.slow
 def test_deleting_a_model_ends_its_running_job_cancelled_and_keeps_it(spawn):
     server = spawn(BNSERVE_WORKERS="1", **FAST_WORKER_ENV)
     with _client(server) as c:
@@ -107,3 +116,57 @@ def test_deleting_a_model_ends_its_running_job_cancelled_and_keeps_it(spawn):
         other = start_job(c, model="n", dataset=dataset_id(c, x, y, "n"), epochs=1, lr=0.05)
         assert wait_job(c, other, timeout=60)["status"] == "succeeded"
         assert get_job(c, job_id) == job
+
+
+def test_a_version_is_stored_only_for_the_worker_that_holds_the_job(tmp_path: Path):
+    """The registry and the queue alone: the result is recorded with the version, or neither."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate(engine, tmp_path)
+    sessions = make_sessionmaker(engine)
+    owner = Owner(tmp_path)
+    registry = Registry(sessions, CheckpointStore(tmp_path / "checkpoints", owner))
+    model = registry.create_model("m", "mlp_bn", {})
+    upload = tmp_path / "d.npz"
+    np.savez(upload, x=np.zeros((4, 2), np.float32), y=np.array([0, 1, 0, 1]))
+    dataset = DatasetStore(tmp_path / "datasets", owner, sessions).add(upload, "d.npz", None)
+    queue = JobQueue(sessions)
+    job_id = queue.create(
+        kind="train",
+        model_id=model.id,
+        model_name="m",
+        dataset_id=dataset.id,
+        base_version=None,
+        params={"epochs": 1},
+        promote="always",
+    ).id
+    data = state_dict_to_safetensors(trained_state_dict("mlp_bn", seed=1))
+
+    def publish_for(worker: str) -> int:
+        record = result_recorder(job_id, worker, promoted=True)
+        row = registry.add_version(
+            "m", data, source="train", model_id=model.id, promote=True, in_transaction=record
+        )
+        return row.version
+
+    queue.claim("w1")
+    assert queue.begin_publishing(job_id, "w1")
+    queue.reap_stale(stale_after_s=-1, max_attempts=2)  # w1 lost it before it published
+    with pytest.raises(Conflict) as info:
+        publish_for("w1")
+    assert info.value.code == "job_not_held"
+    assert registry.list_versions("m") == []
+    assert registry.get_model("m").serving_version is None
+
+    queue.claim("w2")
+    assert queue.begin_publishing(job_id, "w2")
+    assert publish_for("w2") == 1
+    row = queue.get(job_id)
+    assert (row.status, row.result_version, row.promoted) == ("running", 1, True)
+    assert registry.get_model("m").serving_version == 1
+    # w2 dies before it finishes the job: it is completed, not queued to train again.
+    queue.reap_stale(stale_after_s=-1, max_attempts=5)
+    assert (queue.get(job_id).status, queue.get(job_id).result_version) == ("succeeded", 1)
+    with pytest.raises(Conflict):
+        queue.cancel(job_id)
+    owner.close()
+    engine.dispose()
