@@ -94,6 +94,12 @@ class Overloaded(BNServeError):
         self.retry_after = retry_after
 
 
+class ModelReplaced(Conflict):
+    """The model was deleted and its name created again while work on the old one ran."""
+
+    code = "model_replaced"
+
+
 class NotServing(Conflict):
     code = "no_serving_version"
 

@@ -6,12 +6,18 @@ transaction starts with BEGIN IMMEDIATE (see `db.engine`), so select-then-update
 interleave between processes. A running job carries its worker's heartbeat; one whose heartbeat
 stops is queued again (up to `JOB_MAX_ATTEMPTS`) or failed by whoever notices first.
 
+A job publishes exactly once: its `result_version` is written in the transaction that adds the
+version (`result_recorder`), so a job whose worker died after that is completed, never run again,
+and a cancel of it is refused (409 `job_published`) instead of ending it `cancelled` while its
+version stays.
+
 Blocking: call from a thread.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -19,11 +25,56 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.engine import read_sessions
-from service.db.tables import JobRow, utcnow
+from service.db.tables import JobRow, ModelRow, VersionRow, utcnow
 from service.errors import Conflict, NotFound
 
 ACTIVE = ("queued", "running")
 FINAL = ("succeeded", "failed", "cancelled")
+
+
+def end_jobs_of_deleted_model(session: Session, model_id: str, name: str) -> None:
+    """End the model's queued and running jobs `cancelled`, in the deleting transaction.
+
+    Their rows and metrics stay readable; a running job's worker sees the status at its next
+    heartbeat and stops, and cannot publish any more (`result_recorder` needs `running`).
+    """
+    session.execute(
+        update(JobRow)
+        .where(JobRow.model_id == model_id, JobRow.status.in_(ACTIVE))
+        .values(
+            status="cancelled",
+            cancel_requested=True,
+            error=f"model {name!r} was deleted",
+            finished_at=utcnow(),
+        )
+    )
+
+
+def result_recorder(
+    job_id: str, worker_id: str, promoted: bool
+) -> Callable[[Session, VersionRow], None]:
+    """For `Registry.add_version`: record the job's result in the version's own transaction.
+
+    Only while this worker still holds the job in its publishing phase; otherwise the
+    transaction, the version with it, is rolled back (409 `job_not_held`).
+    """
+
+    def record(session: Session, version: VersionRow) -> None:
+        held = session.scalar(
+            update(JobRow)
+            .where(JobRow.id == job_id, JobRow.worker_id == worker_id)
+            .where(JobRow.status == "running", JobRow.phase == "publishing")
+            .values(result_version=version.version, promoted=promoted)
+            .returning(JobRow.id)
+        )
+        if held is None:
+            raise Conflict(
+                f"job {job_id} is no longer held by worker {worker_id} (cancelled, its model "
+                "deleted, or handed to another worker): its result was not stored",
+                code="job_not_held",
+            )
+
+    return record
 
 
 class JobQueue:
@@ -59,6 +110,13 @@ class JobQueue:
             created_at=utcnow(),
         )
         with self._sessions.begin() as session:
+            # Jobs have no foreign key to their model (they outlive it): the model must still be
+            # there, locked against a delete (PostgreSQL), or the job would be orphaned.
+            locked = session.scalar(
+                select(ModelRow.id).where(ModelRow.id == model_id).with_for_update()
+            )
+            if locked is None:
+                raise NotFound(f"model {model_name!r} was deleted", code="model_not_found")
             session.add(row)
         return row
 
@@ -90,6 +148,13 @@ class JobQueue:
                 raise NotFound(f"job {job_id!r} does not exist", code="job_not_found")
             if row.status in FINAL:
                 raise Conflict(f"job {job_id} already ended {row.status}", code="job_finished")
+            if row.result_version is not None:
+                raise Conflict(
+                    f"job {job_id} already stored version {row.result_version} of model "
+                    f"{row.model_name!r} and can no longer be cancelled; delete or demote the "
+                    "version instead",
+                    code="job_published",
+                )
             if row.phase == "publishing":
                 raise Conflict(
                     f"job {job_id} is already storing its trained version and can no longer be "
@@ -232,7 +297,11 @@ class JobQueue:
             for row in rows:
                 reaped.append(row.id)
                 lost = f"worker {row.worker_id} stopped heartbeating (attempt {row.attempts})"
-                if row.cancel_requested:
+                if row.result_version is not None:
+                    # It published (in the version's own transaction) and died before it said
+                    # so: that is its outcome. Running it again would publish a second version.
+                    row.status, row.error = "succeeded", None
+                elif row.cancel_requested:
                     row.status, row.error = "cancelled", None
                 elif row.attempts < max_attempts:
                     row.status, row.error = "queued", lost + "; queued again"

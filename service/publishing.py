@@ -3,6 +3,10 @@
 `prepare` checks the tensors against the architecture, builds the canonical safetensors bytes
 and loads and gates the result; only a version that passed all of that reaches `publish`, which
 stores it as the model's next version. Nothing is written before the checks pass.
+
+Both refer to the model by the id it was checked against: a model deleted and created again
+under the same name while an upload streamed or a job trained gets nothing (404 or 409
+`model_replaced`), never weights checked against another architecture.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from models import get_architecture
 from service.checkpoints.reader import read_state_dict
 from service.checkpoints.validation import state_dict_to_safetensors, validate_state_dict
 from service.db.tables import ModelRow, VersionRow
-from service.registry import Registry
+from service.registry import InTransaction, Registry
 from service.serving.loaded import LoadedModel, build_loaded
 from service.serving.optimize import OptimizeOptions
 
@@ -54,6 +58,7 @@ def prepare(
         device=device,
         options=options,
         preprocess=model.preprocess,
+        model_id=model.id,
     )
     return Prepared(data=data, report=report.model_dump(mode="json"), loaded=loaded)
 
@@ -88,8 +93,11 @@ def publish(
     source: str,
     note: str | None = None,
     lineage: dict[str, Any] | None = None,
+    promote: bool = False,
+    in_transaction: InTransaction | None = None,
 ) -> VersionRow:
-    """Store a prepared version; its LoadedModel then carries the new number."""
+    """Store a prepared version for the model it was checked against (see `add_version`); its
+    LoadedModel then carries the new number."""
     row = registry.add_version(
         prepared.loaded.name,
         prepared.data,
@@ -97,6 +105,9 @@ def publish(
         note=note,
         report=prepared.report,
         lineage=lineage,
+        model_id=prepared.loaded.model_id,
+        promote=promote,
+        in_transaction=in_transaction,
     )
     prepared.loaded.version = row.version
     prepared.loaded.sha256 = row.sha256

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from sqlalchemy import Engine, delete, select, update
@@ -19,8 +20,9 @@ from models import Architecture, ConfigError, UnknownArchitecture, get_architect
 from service.checkpoints.store import CheckpointStore
 from service.db.engine import read_sessions
 from service.db.tables import ModelRow, VersionRow, utcnow
-from service.errors import Conflict, InvalidInput, NotFound, shorten
+from service.errors import BNServeError, Conflict, InvalidInput, ModelReplaced, NotFound, shorten
 from service.files import disk_full_as_error
+from service.jobs import end_jobs_of_deleted_model
 from service.preprocess.image import Preprocess
 
 # Names end up in URLs and log lines, never in paths (files are keyed by the model's id).
@@ -54,6 +56,24 @@ def parse_config(architecture: str, config: dict[str, Any] | None) -> tuple[Arch
             code="invalid_config",
             errors=exc.errors,
         ) from None
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a name stands for now: the model's id, and its serving version's number and sha256.
+
+    Names are reused (a model deleted and created again), ids and sha256s are not: whatever
+    loads, caches, swaps or syncs compares these, never the name and number alone.
+    """
+
+    model_id: str
+    version: int | None
+    sha256: str | None
+
+
+# Runs inside the transaction that adds a version, with that version's row (a job records its
+# result there, so that the version exists exactly when the job says it published).
+InTransaction = Callable[[Session, "VersionRow"], None]
 
 
 def _no_version(name: str, version: int) -> NotFound:
@@ -147,21 +167,67 @@ class Registry:
                 )
             )
 
-    def delete_model(self, name: str) -> None:
+    def delete_model(self, name: str) -> str:
+        """Delete a model with its versions and files; its queued and running jobs end
+        `cancelled` in the same transaction (their rows stay). Returns the model's id."""
         with self._tx() as session:
-            model_id = session.scalar(select(ModelRow.id).where(ModelRow.name == name))
+            # Locked first (PostgreSQL), so a job created meanwhile is either seen here or refused.
+            model_id = session.scalar(
+                select(ModelRow.id).where(ModelRow.name == name).with_for_update()
+            )
             if model_id is None:
                 raise NotFound(f"model {shorten(name)!r} does not exist", code="model_not_found")
+            end_jobs_of_deleted_model(session, model_id, name)
             session.execute(delete(VersionRow).where(VersionRow.model_id == model_id))
             session.execute(delete(ModelRow).where(ModelRow.id == model_id))
         # Rows first: a crash here leaves files without rows, which recovery removes.
         self.store.delete_model(model_id)
+        return model_id
 
     def serving_map(self) -> dict[str, int | None]:
-        """Every model's serving version: what each API process converges to."""
+        """Every model's serving version number (see `serving_identities` for what to compare)."""
+        return {name: ident.version for name, ident in self.serving_identities().items()}
+
+    def serving_identities(self) -> dict[str, Identity]:
+        """Every model's id and serving version with its sha256: what each API process follows."""
+        serving = (VersionRow.model_id == ModelRow.id) & (
+            VersionRow.version == ModelRow.serving_version
+        )
         with self._read() as session:
-            rows = session.execute(select(ModelRow.name, ModelRow.serving_version))
-            return {name: version for name, version in rows}
+            rows = session.execute(
+                select(
+                    ModelRow.name, ModelRow.id, ModelRow.serving_version, VersionRow.sha256
+                ).outerjoin(VersionRow, serving)
+            )
+            return {name: Identity(mid, version, sha) for name, mid, version, sha in rows}
+
+    def version_identity(self, name: str, version: int) -> Identity:
+        """The model's current id with this version's sha256 (404 when either is gone)."""
+        row = self.get_version(name, version)
+        return Identity(row.model_id, row.version, row.sha256)
+
+    def check_identity(self, name: str, model_id: str, what: str) -> None:
+        """Raise when `name` is no longer the model `model_id` (deleted, maybe created again)."""
+        current = self.get_model(name)
+        if current.id != model_id:
+            raise self.model_gone(name, model_id, f"this {what} was in progress")
+
+    def model_gone(self, name: str, model_id: str, during: str) -> BNServeError:
+        """The error for a model deleted (and perhaps created again) while `during` ran.
+
+        Outside any transaction: a nested one would wait on the caller's SQLite write lock.
+        """
+        with self._tx() as session:
+            now = session.scalar(select(ModelRow.id).where(ModelRow.name == name))
+        if now is None or now == model_id:
+            return NotFound(
+                f"model {name!r} was deleted while {during}; nothing was stored",
+                code="model_not_found",
+            )
+        return ModelReplaced(
+            f"model {name!r} was deleted and created again while {during}; nothing was stored "
+            "for the new model, which may have another architecture or config: send it again"
+        )
 
     # Versions
 
@@ -174,40 +240,66 @@ class Registry:
         note: str | None = None,
         report: dict[str, Any] | None = None,
         lineage: dict[str, Any] | None = None,
+        model_id: str | None = None,
+        promote: bool = False,
+        in_transaction: InTransaction | None = None,
     ) -> VersionRow:
-        """Store canonical safetensors bytes as the model's next version, crash-safely."""
-        model = self.get_model(name)
-        staged = self.store.stage(model.id, data)
+        """Store canonical safetensors bytes as the model's next version, crash-safely.
+
+        `model_id` is the model the bytes were checked against: when it was deleted meanwhile
+        (even if its name was created again) nothing is stored, 404 or 409 `model_replaced`.
+        With `promote` the version serves from the same commit; `in_transaction` runs inside it.
+        """
+        if model_id is None:
+            model_id = self.get_model(name).id
+        staged = self.store.stage(model_id, data)
+        version: int | None = None
         try:
             with disk_full_as_error(self.store.root), self._tx() as session:
                 # One statement both locks the model row (PostgreSQL) and takes the next number;
                 # SQLite's BEGIN IMMEDIATE already serializes writers. Rolled back with the
-                # transaction, so numbers stay gap-free.
+                # transaction, so numbers stay gap-free. By id: a re-created name is another row.
                 version = session.scalar(
                     update(ModelRow)
-                    .where(ModelRow.id == model.id)
+                    .where(ModelRow.id == model_id)
                     .values(last_version=ModelRow.last_version + 1)
                     .returning(ModelRow.last_version)
                 )
-                if version is None:
-                    raise NotFound(f"model {name!r} was deleted", code="model_not_found")
-                row = VersionRow(
-                    model_id=model.id,
-                    version=version,
-                    sha256=staged.sha256,
-                    size_bytes=staged.size_bytes,
-                    source=source,
-                    note=note,
-                    filename=f"v{version}.safetensors",
-                    report=report or {},
-                    lineage=lineage,
-                    created_at=utcnow(),
-                )
-                session.add(row)
+                if version is not None:
+                    row = VersionRow(
+                        model_id=model_id,
+                        version=version,
+                        sha256=staged.sha256,
+                        size_bytes=staged.size_bytes,
+                        source=source,
+                        note=note,
+                        filename=f"v{version}.safetensors",
+                        report=report or {},
+                        lineage=lineage,
+                        created_at=utcnow(),
+                    )
+                    session.add(row)
+                    if promote:
+                        session.execute(
+                            update(ModelRow)
+                            .where(ModelRow.id == model_id)
+                            .values(serving_version=version, promoted_at=utcnow())
+                        )
+                    if in_transaction is not None:
+                        session.flush()
+                        in_transaction(session, row)
         except BaseException:
             self.store.discard(staged)
             raise
-        self.store.publish(staged, row.version)
+        if version is None:
+            self.store.discard(staged)
+            self.store.delete_model(model_id)  # the deleted model's folder, if this re-made it
+            raise self.model_gone(name, model_id, "this version was being stored")
+        try:
+            self.store.publish(staged, row.version)
+        except FileNotFoundError:
+            # The model was deleted between the commit and the rename, its folder with it.
+            raise self.model_gone(name, model_id, "this version was being stored") from None
         return row
 
     def get_version(self, name: str, version: int) -> VersionRow:
@@ -229,25 +321,30 @@ class Registry:
     def list_versions(self, name: str) -> list[VersionRow]:
         return list(self.get_model(name).versions)
 
-    def set_serving(self, name: str, version: int) -> None:
+    def set_serving(self, name: str, version: int, *, model_id: str | None = None) -> None:
+        """Make `version` serve; with `model_id`, only while the name still is that model."""
         if not 1 <= version <= MAX_VERSION:
             raise _no_version(name, version)
         with self._tx() as session:
-            model_id = session.scalar(select(ModelRow.id).where(ModelRow.name == name))
-            if model_id is None:
+            found = session.scalar(select(ModelRow.id).where(ModelRow.name == name))
+            if found is None and model_id is None:
                 raise NotFound(f"model {shorten(name)!r} does not exist", code="model_not_found")
-            exists = session.scalar(
-                select(VersionRow.id).where(
-                    VersionRow.model_id == model_id, VersionRow.version == version
+            if found is not None and model_id in (None, found):
+                exists = session.scalar(
+                    select(VersionRow.id).where(
+                        VersionRow.model_id == found, VersionRow.version == version
+                    )
                 )
-            )
-            if exists is None:
-                raise _no_version(name, version)
-            session.execute(
-                update(ModelRow)
-                .where(ModelRow.id == model_id)
-                .values(serving_version=version, promoted_at=utcnow())
-            )
+                if exists is None:
+                    raise _no_version(name, version)
+                session.execute(
+                    update(ModelRow)
+                    .where(ModelRow.id == found)
+                    .values(serving_version=version, promoted_at=utcnow())
+                )
+                return
+        assert model_id is not None
+        raise self.model_gone(name, model_id, "its version was being promoted")
 
     def serving_options(self, name: str) -> dict[str, Any]:
         """A model's stored serving options (empty: the settings' defaults)."""
@@ -259,10 +356,37 @@ class Registry:
                 raise NotFound(f"model {name!r} does not exist", code="model_not_found")
             return dict(row.serving or {})
 
-    def read_checkpoint(self, name: str, version: int) -> tuple[ModelRow, VersionRow, bytes]:
-        model = self.get_model(name)
-        row = self.get_version(name, version)
+    def read_checkpoint(
+        self, name: str, version: int, *, model_id: str | None = None
+    ) -> tuple[ModelRow, VersionRow, bytes]:
+        """The model, the version and its verified bytes (`checkpoint_rows`, then the file)."""
+        model, row = self.checkpoint_rows(name, version, model_id=model_id)
         return model, row, self.store.read(model.id, row.filename, row.sha256)
+
+    def checkpoint_rows(
+        self, name: str, version: int, *, model_id: str | None = None
+    ) -> tuple[ModelRow, VersionRow]:
+        """The model and the version, read in one transaction so that they belong together;
+        with `model_id`, only while the name still is that model. No file is read, so this can
+        run on a database thread."""
+        if 1 <= version <= MAX_VERSION:
+            with self._read() as session:
+                found = session.execute(
+                    select(ModelRow, VersionRow)
+                    .join(VersionRow, VersionRow.model_id == ModelRow.id)
+                    .where(ModelRow.name == name, VersionRow.version == version)
+                ).first()
+        else:
+            found = None
+        if found is not None and model_id in (None, found[0].id):
+            model, row = found
+            return model, row
+        if found is None:
+            current = self.get_model(name)  # 404 for the model first, when that is what is missing
+            if model_id in (None, current.id):
+                raise _no_version(name, version)
+        assert model_id is not None
+        raise self.model_gone(name, model_id, "one of its versions was being loaded")
 
     def open_checkpoint(self, name: str, version: int) -> tuple[VersionRow, BinaryIO]:
         """The version's stored file, verified and opened at its start (the caller closes it)."""

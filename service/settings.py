@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     # fp32) or `tf32` (tensor cores, ~1e-3 relative); the gate's and the optimizations' checks
     # loosen with it (service/serving/precision.py). PyTorch's own default runs convs in TF32.
     FP32_PRECISION: Literal["ieee", "tf32"] = "ieee"
+    # Test-only fault injection, never for production: `after_publish` makes a training worker
+    # SIGKILL itself right after it stored a job's version, before it marks the job finished.
+    TEST_CRASH_POINT: Literal["", "after_publish"] = ""
     # Create and train a demo model on the first start of an empty registry.
     DEMO: bool = True
     LOG_LEVEL: Literal["debug", "info", "warning", "error"] = "info"

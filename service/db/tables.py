@@ -119,7 +119,9 @@ class JobRow(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     kind: Mapped[str] = mapped_column(String(32), default="train")
-    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    # No foreign key: a job outlives its model. Deleting a model ends its active jobs
+    # `cancelled`, and their rows and metrics stay readable (migration 0004 dropped the cascade).
+    model_id: Mapped[str] = mapped_column(String(32), index=True)
     model_name: Mapped[str] = mapped_column(String(64))
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
     # "serving", a version number as text, or None for fresh weights.
@@ -129,6 +131,8 @@ class JobRow(Base):
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     metrics: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    # Written in the same transaction that adds the version: a job has published exactly when
+    # this is set, whatever happens to its worker afterwards.
     result_version: Mapped[int | None] = mapped_column(Integer)
     promoted: Mapped[bool | None] = mapped_column(Boolean)
     error: Mapped[str | None] = mapped_column(Text)

@@ -34,6 +34,8 @@ class LoadedModel:
     image_pipeline: ImagePipeline | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     optimizations: OptimizationReport = field(default_factory=OptimizationReport)
+    # The model's id: names are reused after a delete, ids never (`registry.Identity`).
+    model_id: str = ""
 
     @property
     def is_classifier(self) -> bool:
@@ -57,6 +59,7 @@ def build_loaded(
     device: torch.device,
     options: OptimizeOptions | None = None,
     preprocess: dict[str, Any] | None = None,
+    model_id: str = "",
 ) -> LoadedModel:
     """Build, fill (strict), move, switch to eval, gate, optimize; blocking, so call from a thread.
 
@@ -88,4 +91,5 @@ def build_loaded(
         labels=config.labels(),
         image_pipeline=Preprocess.model_validate(preprocess).image if preprocess else None,
         optimizations=report,
+        model_id=model_id,
     )

@@ -15,6 +15,12 @@ version that fails to load (a corrupt file) is tried again with exponential back
 whether its file changed (one `stat`), and a changed file (restored by an operator) is tried at
 once.
 
+Names are reused: a model deleted and created again is another model. So every comparison with
+the database is by identity (`registry.Identity`: the model's id, the version and its sha256),
+never by name and number alone. A sync pass drops every handle of a name that now stands for
+another model (or none); each load re-checks the identity it read once it is done, before its
+handle is cached or swapped in; and a delete takes the same per-name lock as loads and promotes.
+
 Database calls run on the database threads (`service.db.threads`), file reads, hashing and
 building in asyncio's pool: a slow database holds up loads, never predictions of loaded versions.
 """
@@ -39,9 +45,9 @@ from service.checkpoints.validation import state_dict_from_safetensors
 from service.db.retry import is_transient
 from service.db.tables import ModelRow, VersionRow
 from service.db.threads import DatabaseThreads
-from service.errors import NotFound, NotServing, Overloaded
+from service.errors import ModelReplaced, NotFound, NotServing, Overloaded
 from service.loops import PeriodicLoop
-from service.registry import Registry
+from service.registry import Identity, Registry
 from service.serving.batcher import Admission, Batcher
 from service.serving.device import release_memory
 from service.serving.loaded import LoadedModel, build_loaded
@@ -152,7 +158,7 @@ class ModelManager:
         self.admission = Admission(settings.MAX_QUEUED_SAMPLES)
         self._serving: dict[str, Handle] = {}
         self._cache: OrderedDict[tuple[str, int], Handle] = OrderedDict()
-        self._wanted: dict[str, int | None] = {}
+        self._wanted: dict[str, Identity] = {}
         self._errors: dict[str, str] = {}
         self._failures: dict[str, LoadFailure] = {}
         # The file of each model's last failed load and its signature before it was read.
@@ -227,7 +233,9 @@ class ModelManager:
             async with self.lock(name):
                 handle = self._cache.get(key)
                 if handle is None:
-                    handle = self._new_handle(await self._load(name, version))
+                    loaded = await self._load_confirmed(name, version)
+                    self._drop_other_models(name, loaded.model_id)
+                    handle = self._new_handle(loaded)
                     self._remember(handle)
             future.set_result(handle)
             return handle
@@ -268,18 +276,26 @@ class ModelManager:
 
     async def install(self, loaded: LoadedModel) -> Handle:
         """Make an already loaded and gated version serve (after its promote is recorded)."""
-        async with self.lock(loaded.name):
-            options = await self._db.run(self._registry.serving_options, loaded.name)
-            self._note_options(loaded.name, options)
-            await self._db.run(self._registry.set_serving, loaded.name, loaded.version)
+        name = loaded.name
+        async with self.lock(name):
+            options = await self._db.run(self._registry.serving_options, name)
+            self._note_options(name, options)
+            await self._db.run(
+                self._registry.set_serving, name, loaded.version, model_id=loaded.model_id
+            )
+            self._drop_other_models(name, loaded.model_id)
             return self._swap(self._new_handle(loaded))
 
     async def promote(self, name: str, version: int) -> Handle:
         """Load and gate `version` if needed, record it as serving, then swap it in."""
         async with self.lock(name):
-            handle = await self._obtain(name, version)
+            wanted = await self._db.run(self._registry.version_identity, name, version)
+            self._drop_other_models(name, wanted.model_id)
+            handle = await self._obtain(name, wanted)
             try:
-                await self._db.run(self._registry.set_serving, name, version)
+                await self._db.run(
+                    self._registry.set_serving, name, version, model_id=wanted.model_id
+                )
             except BaseException:
                 if handle is not self._serving.get(name):  # the serving one stays where it is
                     self._remember(handle)
@@ -301,11 +317,31 @@ class ModelManager:
         self._failed_files.pop(name, None)
         self._swapped_at.pop(name, None)
 
+    def _drop_other_models(self, name: str, model_id: str) -> None:
+        """Forget what this process holds for `name` when it was another model's (deleted)."""
+        held = [self._serving.get(name)] + [h for (n, _), h in self._cache.items() if n == name]
+        wanted = self._wanted.get(name)
+        if (wanted is not None and wanted.model_id != model_id) or any(
+            h is not None and h.loaded.model_id != model_id for h in held
+        ):
+            log.info("model %s was deleted and created again: dropping its old versions", name)
+            self.forget(name)
+
+    @staticmethod
+    def _matches(handle: Handle, wanted: Identity) -> bool:
+        """Whether `handle` is exactly `wanted`: the same model, version and bytes."""
+        loaded = handle.loaded
+        return (
+            loaded.model_id == wanted.model_id
+            and loaded.version == wanted.version
+            and loaded.sha256 == wanted.sha256
+        )
+
     def _swap(self, handle: Handle) -> Handle:
         name = handle.loaded.name
         old = self._serving.get(name)
         self._serving[name] = handle  # the swap: one reference change
-        self._wanted[name] = handle.version
+        self._wanted[name] = Identity(handle.loaded.model_id, handle.version, handle.loaded.sha256)
         self._swaps += 1
         self._swapped_at[name] = self._swaps
         self._errors.pop(name, None)
@@ -317,15 +353,18 @@ class ModelManager:
         log.info("model %s now serves version %d", name, handle.version)
         return handle
 
-    async def _obtain(self, name: str, version: int) -> Handle:
-        """The handle for `version` to be swapped in: the serving or a cached one, else loaded."""
+    async def _obtain(self, name: str, wanted: Identity) -> Handle:
+        """The handle for `wanted` to be swapped in: the serving or a cached one, else loaded."""
+        assert wanted.version is not None
         current = self._serving.get(name)
-        if current is not None and current.version == version:
+        if current is not None and self._matches(current, wanted):
             return current
-        cached = self._cache.pop((name, version), None)
+        cached = self._cache.pop((name, wanted.version), None)
         if cached is not None:
-            return cached
-        return self._new_handle(await self._load(name, version))
+            if self._matches(cached, wanted):
+                return cached
+            self._retire(cached)
+        return self._new_handle(await self._load_confirmed(name, wanted.version, wanted.model_id))
 
     def _remember(self, handle: Handle) -> None:
         """Keep a non-serving version in the LRU cache, evicting beyond its size."""
@@ -381,10 +420,32 @@ class ModelManager:
         )
         return Handle(loaded, batcher)
 
-    async def _load(self, name: str, version: int) -> LoadedModel:
+    async def _load_confirmed(
+        self, name: str, version: int, model_id: str | None = None
+    ) -> LoadedModel:
+        """Load a version, then check it is still what the name stands for.
+
+        A load takes a while (reading, hashing, the gate, the optimizations); a delete made by
+        another process meanwhile must not leave its handle here (404, or 409 `model_replaced`).
+        """
+        loaded = await self._load(name, version, model_id)
+        try:
+            now: Identity | None = await self._db.run(
+                self._registry.version_identity, name, version
+            )
+        except NotFound:
+            now = None
+        if now != Identity(loaded.model_id, loaded.version, loaded.sha256):
+            raise await self._db.run(
+                self._registry.model_gone, name, loaded.model_id, "it was being loaded"
+            )
+        return loaded
+
+    async def _load(self, name: str, version: int, model_id: str | None = None) -> LoadedModel:
         """Read the version's rows on a database thread, then `_build` it in another thread."""
-        model = await self._db.run(self._registry.get_model, name)
-        row = await self._db.run(self._registry.get_version, name, version)
+        model, row = await self._db.run(
+            self._registry.checkpoint_rows, name, version, model_id=model_id
+        )
         path = self._registry.store.model_dir(model.id) / row.filename
         # Taken before the read, so a file restored while it was being read counts as changed.
         signature = await asyncio.to_thread(file_signature, path)
@@ -409,40 +470,48 @@ class ModelManager:
             device=self.device,
             options=OptimizeOptions.from_settings(self._settings),
             preprocess=model.preprocess,
+            model_id=model.id,
         )
 
     # Following the database
 
     async def sync_once(self) -> None:
         before = self._swaps
-        wanted = await self._db.run(self._registry.serving_map)
+        wanted = await self._db.run(self._registry.serving_identities)
         # A model swapped here while the DB was read is newer than what was read: leave it.
         fresh = {name for name, at in self._swapped_at.items() if at > before}
-        gone = {*self._serving, *self._wanted} - set(wanted) - fresh
-        for name in gone:  # deleted, possibly by another process
-            self.forget(name)
-        for name, version in wanted.items():
+        held = {*self._serving, *self._wanted, *(name for name, _ in self._cache)} - fresh
+        for name in held:
+            if name not in wanted:  # deleted, possibly by another process
+                self.forget(name)
+            else:  # or deleted and created again: the same name, another model
+                self._drop_other_models(name, wanted[name].model_id)
+        for name, ident in wanted.items():
             if name in fresh:
                 continue
             current = self._serving.get(name)
-            if version is None or (current is not None and current.version == version):
-                self._wanted[name] = version
+            if ident.version is None or (current is not None and self._matches(current, ident)):
+                self._wanted[name] = ident
                 continue
-            if await self._waiting_to_retry(name, version):
+            if await self._waiting_to_retry(name, ident.version):
                 continue
             await self._follow(name)
 
     async def _follow(self, name: str) -> None:
         async with self.lock(name):
-            version = (await self._db.run(self._registry.serving_map)).get(name)
-            self._wanted[name] = version
-            current = self._serving.get(name)
-            if version is None or (current is not None and current.version == version):
-                return
-            try:
-                handle = await self._obtain(name, version)
-            except NotFound:
+            wanted = (await self._db.run(self._registry.serving_identities)).get(name)
+            if wanted is None:
                 return  # deleted meanwhile; the next pass forgets it
+            self._drop_other_models(name, wanted.model_id)
+            self._wanted[name] = wanted
+            current = self._serving.get(name)
+            if wanted.version is None or (current is not None and self._matches(current, wanted)):
+                return
+            version = wanted.version
+            try:
+                handle = await self._obtain(name, wanted)
+            except (NotFound, ModelReplaced):
+                return  # deleted (and perhaps created again) meanwhile; the next pass follows
             except Exception as exc:
                 if is_transient(exc):
                     raise  # the database, not the version: the sync loop backs off
@@ -488,25 +557,25 @@ class ModelManager:
     async def check_readiness(self) -> dict[str, dict[str, object]]:
         """`readiness` against the database as it is now, not as of the last sync pass.
 
-        A promote made by another process shows here as not ready until this process has swapped.
+        A promote made by another process shows here as not ready until this process has swapped,
+        and so does a model deleted and created again whose old weights this process still holds.
         """
-        return self.readiness(await self._db.run(self._registry.serving_map))
+        return self.readiness(await self._db.run(self._registry.serving_identities))
 
-    def readiness(
-        self, wanted: dict[str, int | None] | None = None
-    ) -> dict[str, dict[str, object]]:
+    def readiness(self, wanted: dict[str, Identity] | None = None) -> dict[str, dict[str, object]]:
         """Per model: the version the database wants, the one served here, any load error and
-        the non-serving versions loaded for `?version=N` (least recently used first)."""
+        the non-serving versions loaded for `?version=N` (least recently used first). Ready only
+        when the served version is the wanted one of the same model, with the same sha256."""
         out: dict[str, dict[str, object]] = {}
-        for name, version in (self._wanted if wanted is None else wanted).items():
-            if version is None:
+        for name, ident in (self._wanted if wanted is None else wanted).items():
+            if ident.version is None:
                 continue
             current = self._serving.get(name)
             served = current.version if current is not None else None
             out[name] = {
-                "wanted": version,
+                "wanted": ident.version,
                 "serving": served,
-                "ready": served == version,
+                "ready": current is not None and self._matches(current, ident),
                 "error": self._errors.get(name),
                 "cached": [v for (n, v) in self._cache if n == name],
             }

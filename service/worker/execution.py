@@ -25,7 +25,7 @@ from service.checkpoints.validation import state_dict_from_safetensors
 from service.datasets.store import DatasetStore
 from service.db.tables import DatasetRow, JobRow, ModelRow
 from service.publishing import prepare, publish
-from service.registry import Registry
+from service.registry import InTransaction, Registry
 from service.serving.precision import current_precision
 from service.training.recalibration import recalibrate_bn
 from service.training.state import TrainState
@@ -56,6 +56,8 @@ class JobHooks:
     holds_job: Callable[[], bool] = lambda: True
     # A resumed job's metrics of the epochs it will not run again, with its progress.
     on_resume: Callable[[list[dict[str, Any]], dict[str, Any]], None] = lambda _m, _p: None
+    # What records the job's result (promoted or not) inside the version's own transaction.
+    record_result: Callable[[bool], InTransaction | None] = lambda _promoted: None
 
 
 def resolve_base(job: JobRow, model: ModelRow) -> int | None:
@@ -74,8 +76,9 @@ def _seed(job: JobRow) -> int:
     return int(seed) if seed is not None else secrets.randbits(63)
 
 
-def _weights(registry: Registry, name: str, version: int) -> dict[str, torch.Tensor]:
-    _, _, data = registry.read_checkpoint(name, version)
+def _weights(registry: Registry, model: ModelRow, version: int) -> dict[str, torch.Tensor]:
+    """A stored version's tensors, of this model only (not of a re-created namesake)."""
+    _, _, data = registry.read_checkpoint(model.name, version, model_id=model.id)
     return state_dict_from_safetensors(data)
 
 
@@ -149,7 +152,7 @@ def run_job(
     # Before any training: a job queued before its plugin changed would train, then fail the gate.
     require_running_stats(module, arch.name)
     if parent is not None and saved is None:
-        module.load_state_dict(_weights(registry, model.name, parent))
+        module.load_state_dict(_weights(registry, model, parent))
     data = datasets.load(dataset_row)
     epochs = int(job.params.get("epochs") or 1)
 
@@ -227,7 +230,7 @@ def run_job(
         if job.promote == "if_better":
             better = _better_than_serving(
                 registry,
-                model.name,
+                model,
                 module,
                 data.x,
                 data.y,
@@ -239,13 +242,21 @@ def run_job(
             )
     state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
     prepared = prepare(model, state, device)
+    promote = job.promote == "always" or (job.promote == "if_better" and better)
     # The last moment a cancel can still leave nothing behind; after it, cancels get 409.
     if hooks.should_stop() or not hooks.begin_publishing():
         raise Cancelled
-    row = publish(registry, prepared, source=source, note=f"job {job.id}", lineage=lineage)
-    promote = job.promote == "always" or (job.promote == "if_better" and better)
-    if promote:
-        registry.set_serving(model.name, row.version)
+    # One transaction adds the version, promotes it and records it as the job's result, and only
+    # for the model this job was created for: exactly once, whatever happens to this process.
+    row = publish(
+        registry,
+        prepared,
+        source=source,
+        note=f"job {job.id}",
+        lineage=lineage,
+        promote=promote,
+        in_transaction=hooks.record_result(promote),
+    )
     log.info("job %s stored %s version %d (promoted: %s)", job.id, model.name, row.version, promote)
     return Outcome(result_version=row.version, promoted=promote)
 
@@ -288,7 +299,7 @@ def _save_state(states: ResumeStore, job_id: str, state: TrainState, meta: dict[
 
 def _better_than_serving(
     registry: Registry,
-    name: str,
+    job_model: ModelRow,
     trained: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -303,16 +314,18 @@ def _better_than_serving(
     It compares with the version serving now; a promote made elsewhere between this comparison
     and the job's own promote is overtaken by the job (last promote wins, as for any promote).
     """
-    serving = registry.get_model(name).serving_version
+    model = registry.get_model(job_model.name)
+    if model.id != job_model.id:
+        raise ValueError(f"model {model.name!r} was deleted and created again")
+    serving = model.serving_version
     if serving is None:
         lineage["compared_with"] = None
         return True
     if new[0] is None:
         raise ValueError("if_better needs a validation split (val_fraction > 0)")
-    model = registry.get_model(name)
     arch = get_architecture(model.architecture)
     current = arch.build(arch.parse_config(model.config))
-    current.load_state_dict(_weights(registry, name, serving))
+    current.load_state_dict(_weights(registry, model, serving))
     current.to(device)
     x_val, y_val = x[val_indices], y[val_indices]
     old = evaluate(current, x_val, y_val, task)

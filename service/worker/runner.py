@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import traceback
@@ -34,7 +35,7 @@ from service.db.engine import engine_for, make_sessionmaker, migrate
 from service.db.retry import Backoff, describe, is_transient, retrying
 from service.db.tables import JobRow
 from service.files import Owner
-from service.jobs import JobQueue
+from service.jobs import JobQueue, result_recorder
 from service.registry import Registry
 from service.serving.device import resolve_device
 from service.serving.precision import apply_precision, backend_precisions
@@ -153,6 +154,7 @@ class Worker:
                 f"job {job.id}: restore epochs",
                 lambda: self.queue.restore_epochs(job.id, self.id, metrics, resumed),
             ),
+            record_result=lambda promoted: result_recorder(job.id, self.id, promoted),
         )
         thread = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
         thread.start()
@@ -177,6 +179,10 @@ class Worker:
                 log.error("job %s failed:\n%s", job.id, traceback.format_exc())
                 ended = self._end(job.id, "failed", error=_describe(exc))
         else:
+            if self.settings.TEST_CRASH_POINT == "after_publish":
+                # Test-only fault injection (tests/test_job_publishing.py): die as a SIGKILL
+                # would, after the version is stored and before the job is marked finished.
+                os.kill(os.getpid(), signal.SIGKILL)
             self._retry(
                 f"job {job.id}: heartbeat",
                 lambda: self.queue.heartbeat(job.id, self.id, dict(progress) or None),

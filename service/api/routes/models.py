@@ -56,7 +56,13 @@ async def get_model(name: str, services: ServicesDep) -> ModelPublic:
 
 @router.delete("/{name}", status_code=204, dependencies=[WriteAuth], responses=errors(404))
 async def delete_model(name: str, services: ServicesDep) -> Response:
-    async with services.upload_lock(name):
+    """Delete the model, its versions and files; its active jobs end `cancelled`.
+
+    Under the upload lock and the manager's lock, the ones uploads, loads and promotes hold: a
+    load in flight finishes first and its handle goes with the rest, so nothing of the deleted
+    model stays in memory for a model created again under the same name.
+    """
+    async with services.upload_lock(name), services.manager.lock(name):
         await services.db.run(services.registry.delete_model, name)
-    services.manager.forget(name)
+        services.manager.forget(name)
     return Response(status_code=204)

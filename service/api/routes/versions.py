@@ -67,6 +67,9 @@ async def upload_version(name: str, request: Request, services: ServicesDep) -> 
         async with received_file(request, services, expected=expected, fields=FORM) as received:
             promote = _parse_bool(received.text("promote"), "promote", default=True)
             async with services.upload_lock(name):
+                # The body streamed for a while: the name may be another model by now, with
+                # another architecture (the store refuses it too, but before any work here).
+                await asyncio.to_thread(registry.check_identity, name, model.id, "upload")
                 prepared = await services.run_upload(
                     prepare_upload,
                     model,
