@@ -72,11 +72,15 @@ def test_a_bad_setting_is_one_line_naming_the_variable_and_its_values(tmp_path, 
     assert not data_dir.exists()
 
 
-def test_a_token_is_never_echoed_in_its_error(tmp_path):
-    result = _start("service", tmp_path / "data", BNSERVE_API_TOKEN="short-secret")
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("BNSERVE_API_TOKEN", "short-secret"), ("BNSERVE_DATABASE_URL", "mysql://u:secret@db/x")],
+)
+def test_a_secret_is_never_echoed_in_its_error(tmp_path, name, value):
+    result = _start("service", tmp_path / "data", **{name: value})
     assert result.returncode == 2, result.stderr
-    assert "BNSERVE_API_TOKEN" in result.stderr
-    assert "short-secret" not in result.stderr, result.stderr
+    assert f"invalid setting {name}: " in result.stderr
+    assert "secret" not in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("module", ["service", "service.worker"])
