@@ -107,14 +107,17 @@ def test_a_plugin_that_does_not_import_fails_before_anything_is_written(tmp_path
     assert not data_dir.exists()
 
 
-def test_a_port_in_use_fails_before_anything_is_written(tmp_path):
+@pytest.mark.parametrize("api_workers", ["1", "2"])
+def test_a_port_in_use_fails_before_anything_is_written(tmp_path, api_workers):
     """uvicorn binds after the app's lifespan (migrations, the demo); bnserve binds first."""
     data_dir = tmp_path / "data"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = _start("service", data_dir, BNSERVE_PORT=str(port))
+        result = _start(
+            "service", data_dir, BNSERVE_PORT=str(port), BNSERVE_API_WORKERS=api_workers
+        )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     (line,) = [x for x in _lines(result.stderr) if x.startswith("bnserve: ")]
