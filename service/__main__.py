@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from service.api.server import serve, server_config
+from service.api.server import bind, serve, server_config
 from service.app import configure_logging, create_app
 from service.db.engine import engine_for, make_sessionmaker, migrate
 from service.jobs import JobQueue
@@ -27,16 +27,19 @@ def main() -> None:
         return
     # Several API processes: each builds its app from the environment and follows the database
     # like a replica; training workers are started once, by this parent, not by each of them.
+    config = server_config(
+        settings, "service.app:create_app", factory=True, workers=settings.API_WORKERS
+    )
+    try:
+        sock = bind(config)  # before the migrations: a port in use leaves the data dir alone
+    except StartupError as exc:
+        exit_on_startup_error(exc)
     settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
     engine = engine_for(settings)
     migrate(engine, settings.DATA_DIR)
     os.environ["BNSERVE_WORKERS"] = "0"
     with supervised_workers(settings, JobQueue(make_sessionmaker(engine))):
-        serve(
-            server_config(
-                settings, "service.app:create_app", factory=True, workers=settings.API_WORKERS
-            )
-        )
+        serve(config, sock)
     engine.dispose()
 
 

@@ -17,10 +17,15 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
+from service.errors import shorten
 from service.settings import Settings
 
 if TYPE_CHECKING:
     import torch
+
+
+# Settings whose values may hold a secret: their errors name the variable, never the value.
+_SECRETS = frozenset({"API_TOKEN", "DATABASE_URL"})
 
 
 class StartupError(Exception):
@@ -55,7 +60,7 @@ def allowed_values(field: FieldInfo) -> str:
     elif typing.get_origin(annotation) is list:
         text = "a comma-separated list"
     else:
-        text = "a path" if annotation.__name__ == "Path" else "a string"
+        text = "a path" if getattr(annotation, "__name__", "") == "Path" else "a string"
     return text + (" (or unset)" if optional else "")
 
 
@@ -67,8 +72,9 @@ def describe(exc: ValidationError) -> str:
         field = Settings.model_fields.get(name)
         message = str(error["msg"]).removeprefix("Value error, ")
         given = error.get("input")
-        # A token is a secret: never echo it, not even in an error.
-        shown = "" if name == "API_TOKEN" or not isinstance(given, str) else f"={given!r}"
+        # Secrets (a token, a URL's password) are never echoed, not even in an error.
+        hidden = name in _SECRETS or not isinstance(given, str)
+        shown = "" if hidden else f"={shorten(given, 80)!r}"
         if field is None or message.startswith(f"BNSERVE_{name}"):
             lines.append(f"invalid setting BNSERVE_{name}{shown}: {message}")
         else:

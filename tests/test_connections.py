@@ -8,6 +8,7 @@ an in-process server on the h11 protocol, the fallback where httptools cannot be
 from __future__ import annotations
 
 import http.client
+import json
 import select
 import socket
 import threading
@@ -235,3 +236,27 @@ def test_a_keep_alive_client_is_unaffected(server):
         conn.sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n" * 2)
         assert read_statuses(conn.sock, 2) == [200, 200]
         assert conn.sock.getsockname() == local
+
+
+def test_a_request_uvicorn_cannot_parse_gets_the_json_400_with_a_request_id(server):
+    """uvicorn answers these in plain text; the contract's error body is valid for /v1 and /v2."""
+    sock = connect(server)
+    try:
+        sock.sendall(
+            b"POST /v1/jobs/x/cancel HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: )!U#[\r\n\r\n"
+        )
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    finally:
+        sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 400 Bad Request", lines
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    assert headers["content-type"] == "application/json"
+    assert headers["x-request-id"]
+    error = json.loads(body)
+    assert error["code"] == "bad_request"
+    assert error["detail"] == error["error"]
+    assert error["detail"].startswith("malformed HTTP request")

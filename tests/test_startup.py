@@ -72,11 +72,15 @@ def test_a_bad_setting_is_one_line_naming_the_variable_and_its_values(tmp_path, 
     assert not data_dir.exists()
 
 
-def test_a_token_is_never_echoed_in_its_error(tmp_path):
-    result = _start("service", tmp_path / "data", BNSERVE_API_TOKEN="short-secret")
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("BNSERVE_API_TOKEN", "short-secret"), ("BNSERVE_DATABASE_URL", "mysql://u:secret@db/x")],
+)
+def test_a_secret_is_never_echoed_in_its_error(tmp_path, name, value):
+    result = _start("service", tmp_path / "data", **{name: value})
     assert result.returncode == 2, result.stderr
-    assert "BNSERVE_API_TOKEN" in result.stderr
-    assert "short-secret" not in result.stderr, result.stderr
+    assert f"invalid setting {name}: " in result.stderr
+    assert "secret" not in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("module", ["service", "service.worker"])
@@ -103,14 +107,17 @@ def test_a_plugin_that_does_not_import_fails_before_anything_is_written(tmp_path
     assert not data_dir.exists()
 
 
-def test_a_port_in_use_fails_before_anything_is_written(tmp_path):
+@pytest.mark.parametrize("api_workers", ["1", "2"])
+def test_a_port_in_use_fails_before_anything_is_written(tmp_path, api_workers):
     """uvicorn binds after the app's lifespan (migrations, the demo); bnserve binds first."""
     data_dir = tmp_path / "data"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = _start("service", data_dir, BNSERVE_PORT=str(port))
+        result = _start(
+            "service", data_dir, BNSERVE_PORT=str(port), BNSERVE_API_WORKERS=api_workers
+        )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     (line,) = [x for x in _lines(result.stderr) if x.startswith("bnserve: ")]

@@ -17,6 +17,7 @@ answered every request 503 while 8 of them were open (cap 8).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -25,7 +26,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.api.errors import error_response
-from service.api.request_id import RequestIdMiddleware
+from service.api.request_id import RequestIdMiddleware, new_request_id
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class CoalescingTransport:
 class _ConnectionGuard:
     """The bounds, mixed into a uvicorn HTTP protocol class (which sets these attributes)."""
 
+    server_state: Any
     config: Config
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
@@ -191,6 +193,27 @@ class _ConnectionGuard:
 
         # Answered before the app, so it gets its X-Request-ID here, as every response does.
         return RequestIdMiddleware(refuse)  # type: ignore[arg-type, return-value]
+
+    def send_400_response(self, msg: str) -> None:
+        """A request uvicorn cannot parse (its request line or headers), answered with the
+        contract's JSON error and a request id instead of uvicorn's plain text. The path may not
+        have been read, so the body is valid both as the v1 and as the v2 error body."""
+        detail = (
+            f"malformed HTTP request: {msg.rstrip('.').lower()}; check its request line and headers"
+        )
+        body = json.dumps({"detail": detail, "error": detail, "code": "bad_request"}).encode()
+        head = [b"HTTP/1.1 400 Bad Request\r\n"]
+        head += [
+            name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
+        ]
+        head += [
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"x-request-id: " + new_request_id() + b"\r\n",
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
 
     def _with_app_for_capacity(self, start: Any) -> None:
         """Run uvicorn's request start (`start`) with the refusing app while over the cap."""

@@ -3,8 +3,8 @@
 Routes name the error statuses they can answer with `responses=errors(...)`. `install_openapi`
 adds what follows from the app as a whole: the bearer scheme (the Authorize button of `/docs`)
 with `security` and a 401 on exactly the operations that check the token (FastAPI marks those
-whose dependencies declare it; reads keep the mark only with BNSERVE_PROTECT_READS); a 400 and a
-413 on every operation with a body (any body can be undecodable or over the limit); and the
+whose dependencies declare it; reads keep the mark only with BNSERVE_PROTECT_READS); a 400 on
+every operation (any request can be malformed) and a 413 on every one with a body; and the
 contract's error body in place of FastAPI's `HTTPValidationError` for 422. On the Open Inference
 Protocol's paths (`/v2...`) errors are its `V2ErrorBody` and a bad request is a 400, never a 422
 (`service.api.errors`), so those routes name theirs with `v2_errors(...)` and the completion
@@ -28,7 +28,7 @@ from service.api.schemas import ErrorBody, V2ErrorBody
 from service.settings import Settings
 
 _MEANINGS = {
-    400: "Malformed body, or an uploaded file refused as unsafe",
+    400: "Malformed request (headers or body), or an uploaded file refused as unsafe",
     401: "Missing or wrong bearer token",
     404: "No such model, version, dataset or job",
     409: "Conflicts with the current state (exists already, nothing serving, job finished)",
@@ -126,9 +126,9 @@ def _complete(schema: dict[str, Any], settings: Settings) -> None:
             if any(guarded & requirement.keys() for requirement in operation.pop("security", [])):
                 operation["security"] = [{BEARER_SCHEME: []}]
                 responses["401"] = _error_response(401, v2)
+            # Any request can be malformed (headers uvicorn cannot parse, an undecodable body).
+            responses.setdefault("400", _error_response(400, v2))
             if "requestBody" in operation:
-                # Any body can be undecodable (FastAPI answers 400) or over the limit.
-                responses.setdefault("400", _error_response(400, v2))
                 responses.setdefault("413", _error_response(413, v2))
             if "HTTPValidationError" in json.dumps(responses.get("422", {})):
                 if v2:  # a request FastAPI refuses is a 400 there
