@@ -25,6 +25,7 @@ from service.db.engine import make_engine, make_sessionmaker, migrate
 from service.demo import seed_demo
 from service.files import Owner
 from service.jobs import JobQueue
+from service.loops import PeriodicLoop
 from service.metrics import Metrics
 from service.registry import Registry
 from service.serving.device import resolve_device
@@ -53,6 +54,8 @@ def build_services(settings: Settings) -> Services:
     owner.sweep(settings.upload_dir)
     owner.sweep_owners()
     jobs = JobQueue(sessions)
+    if settings.JOB_RETENTION_S:
+        jobs.prune(settings.JOB_RETENTION_S)
     ResumeStore(settings.resume_dir, owner).sweep(jobs)
     if settings.DEMO:
         seed_demo(settings, registry, datasets, jobs, owner)
@@ -67,6 +70,7 @@ def build_services(settings: Settings) -> Services:
         metrics.swaps.labels(name).inc()
 
     manager.on_swap = on_swap
+    manager.on_forget = metrics.forget_model
     return Services(
         settings=settings,
         registry=registry,
@@ -81,6 +85,20 @@ def build_services(settings: Settings) -> Services:
     )
 
 
+def job_pruner(settings: Settings, jobs: JobQueue) -> PeriodicLoop | None:
+    """The loop that deletes jobs ended more than BNSERVE_JOB_RETENTION_S ago (None: keep all)."""
+    retention = settings.JOB_RETENTION_S
+    if not retention:
+        return None
+
+    async def prune() -> None:
+        pruned = await asyncio.to_thread(jobs.prune, retention)
+        if pruned:
+            log.info("pruned %d jobs that ended more than %.0f s ago", pruned, retention)
+
+    return PeriodicLoop("job pruning", settings.job_prune_interval_s(), prune)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -89,9 +107,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await services.manager.start()
     supervisor = WorkerSupervisor(settings, services.jobs)
     await supervisor.start()
+    pruner = job_pruner(settings, services.jobs)
+    if pruner is not None:
+        pruner.start()
     try:
         yield
     finally:
+        if pruner is not None:
+            await pruner.stop()
         await supervisor.stop()
         await services.manager.stop()
         services.upload_executor.shutdown(wait=False, cancel_futures=True)

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     # A running job whose heartbeat is older than this is taken to have lost its worker.
     JOB_STALE_AFTER_S: float = Field(15.0, gt=0)
     JOB_MAX_ATTEMPTS: int = Field(2, ge=1)
+    # Jobs that ended (succeeded, failed, cancelled) longer ago than this are deleted, at start
+    # and by each API process in the background (0 keeps them forever); default 30 days.
+    JOB_RETENTION_S: float = Field(30 * 24 * 3600.0, ge=0)
     # PyTorch threads per worker; 0 shares this machine's cores among the server's workers, so
     # several workers do not oversubscribe the CPU (which slows each of them several-fold).
     WORKER_THREADS: int = Field(0, ge=0)
@@ -144,6 +147,10 @@ class Settings(BaseSettings):
         if self.ALLOWED_HOSTS:
             return list(self.ALLOWED_HOSTS)
         return [self.HOST, "localhost", "127.0.0.1", "::1"]
+
+    def job_prune_interval_s(self) -> float:
+        """How often old jobs are pruned: a tenth of the retention, between 1 s and an hour."""
+        return min(3600.0, max(1.0, self.JOB_RETENTION_S / 10))
 
     def worker_threads(self) -> int:
         if self.WORKER_THREADS:

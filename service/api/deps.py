@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ from service.api.auth import check_bearer
 from service.datasets.store import DatasetStore
 from service.files import Owner
 from service.jobs import JobQueue
+from service.locks import KeyedLocks
 from service.metrics import Metrics
 from service.registry import Registry
 from service.serving.manager import ModelManager
@@ -43,11 +45,11 @@ class Services:
     # in the default pool: predictions and other requests use that one, and a few slow uploads
     # once kept all of its threads busy for a minute.
     upload_executor: ThreadPoolExecutor
-    upload_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    upload_locks: KeyedLocks = field(default_factory=KeyedLocks)
 
-    def upload_lock(self, name: str) -> asyncio.Lock:
+    def upload_lock(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Uploads of one model are processed one at a time in this process."""
-        return self.upload_locks.setdefault(name, asyncio.Lock())
+        return self.upload_locks.hold(name)
 
     async def run_upload(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run blocking upload work on the upload executor (BNSERVE_UPLOAD_THREADS threads)."""

@@ -28,6 +28,7 @@ import torch
 from models import get_architecture
 from service.checkpoints.validation import state_dict_from_safetensors
 from service.errors import NotFound, NotServing, Overloaded
+from service.locks import KeyedLocks
 from service.loops import PeriodicLoop
 from service.registry import Registry
 from service.serving.batcher import Admission, Batcher
@@ -114,7 +115,7 @@ class ModelManager:
         self._cache: OrderedDict[tuple[str, int], Handle] = OrderedDict()
         self._wanted: dict[str, int | None] = {}
         self._errors: dict[str, str] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = KeyedLocks()
         self._loading: dict[tuple[str, int], asyncio.Future[Handle]] = {}
         # Per-model `max_batch_size` from the model's serving options, read when it loads.
         self._max_batch: dict[str, int] = {}
@@ -124,6 +125,7 @@ class ModelManager:
         self._sync_loop = PeriodicLoop("serving sync", settings.SYNC_INTERVAL_S, self.sync_once)
         self.on_batch: Callable[[str, int], None] | None = None
         self.on_swap: Callable[[str, int], None] | None = None
+        self.on_forget: Callable[[str], None] | None = None
 
     # Life cycle
 
@@ -138,8 +140,9 @@ class ModelManager:
             await handle.batcher.close()
         self._executor.shutdown(wait=True)
 
-    def lock(self, name: str) -> asyncio.Lock:
-        return self._locks.setdefault(name, asyncio.Lock())
+    def lock(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Loads, promotes and syncs of one model, one at a time (held only while in use)."""
+        return self._locks.hold(name)
 
     # Requests
 
@@ -193,8 +196,6 @@ class ModelManager:
                 future.exception()  # retrieved: nobody else may be waiting
             else:
                 future.cancel()
-            if isinstance(exc, NotFound) and name not in self._serving:
-                self._locks.pop(name, None)  # no state left behind for names that do not exist
             raise
         finally:
             del self._loading[key]
@@ -254,6 +255,8 @@ class ModelManager:
         self._max_batch.pop(name, None)
         self._errors.pop(name, None)
         self._swapped_at.pop(name, None)
+        if self.on_forget is not None:
+            self.on_forget(name)
 
     def _swap(self, handle: Handle) -> Handle:
         name = handle.loaded.name
