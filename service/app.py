@@ -19,6 +19,7 @@ from service.api.hosts import AllowedHostsMiddleware
 from service.api.limits import BodyLimitMiddleware
 from service.api.openapi import install_openapi
 from service.api.routes import architectures, datasets, health, jobs, models, predict, v2, versions
+from service.api.token_gate import TokenGate
 from service.checkpoints.store import CheckpointStore
 from service.datasets.store import DatasetStore
 from service.db.engine import make_engine, make_sessionmaker, migrate
@@ -147,7 +148,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
-    # Added first, so it is the innermost middleware: the others still wrap every prediction.
+    # Added first, so it is the innermost middleware: the token is checked from the head of
+    # every request that the fast path does not answer (that one checks it itself).
+    app.add_middleware(TokenGate)
+    # Then the fast path: the others still wrap every prediction.
     app.add_middleware(PredictFastPath)
     app.add_middleware(BodyLimitMiddleware, limit=settings.MAX_UPLOAD_BYTES)
     # Added last, so it runs first: a request for a foreign host gets no further.

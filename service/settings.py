@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Shorter bearer tokens are refused: a short one can be guessed, an empty one matches nothing sent.
@@ -29,7 +29,10 @@ class Settings(BaseSettings):
     DATABASE_URL: str = ""
     DEVICE: str = "auto"
     API_TOKEN: str | None = None
+    # Reads and predictions need the token too; /readyz then names no models to callers without it.
     PROTECT_READS: bool = False
+    # A second token that opens /metrics alone (for a scraper); set, /metrics always needs a token.
+    METRICS_TOKEN: str | None = None
     # Host names the server answers for (the Host header); empty means the bind address and the
     # loopback names. `*` allows any, `*.example.com` any subdomain.
     ALLOWED_HOSTS: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -101,16 +104,17 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("API_TOKEN")
+    @field_validator("API_TOKEN", "METRICS_TOKEN")
     @classmethod
-    def _check_token(cls, value: str | None) -> str | None:
+    def _check_token(cls, value: str | None, info: ValidationInfo) -> str | None:
         # Unset or empty (`BNSERVE_API_TOKEN=` in a .env file): the server keeps its own token.
         if value is None or value == "":
             return None
         if len(value.strip()) < MIN_TOKEN_LENGTH or value != value.strip():
+            generated = " (or unset it to have one generated in the data dir)"
             raise ValueError(
-                f"BNSERVE_API_TOKEN must be at least {MIN_TOKEN_LENGTH} characters with no "
-                "surrounding whitespace (or unset it to have one generated in the data dir)"
+                f"BNSERVE_{info.field_name} must be at least {MIN_TOKEN_LENGTH} characters with "
+                "no surrounding whitespace" + (generated if info.field_name == "API_TOKEN" else "")
             )
         return value
 

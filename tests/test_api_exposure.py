@@ -8,13 +8,14 @@ any body is read.
 
 from __future__ import annotations
 
+import socket
 import uuid
 from pathlib import Path
 
 import httpx
 
 from tests.conftest import AUTH
-from tests.helpers_api import predict_ok, running, samples, serve
+from tests.helpers_api import assert_error, predict_ok, running, samples, serve
 from tests.helpers_jobs import blobs, dataset_id, start_job, wait_until
 
 TRAIN = {"epochs": 3, "batch_size": 8, "lr": 0.05, "seed": 0}
@@ -73,3 +74,71 @@ def test_job_listings_leave_out_epoch_metrics_and_old_jobs_are_pruned(tmp_path: 
             interval=0.2,
         )
         assert client.get(f"/v1/jobs/{kept}").json()["status"] == "queued"  # not ended: kept
+
+
+# --- 5. Read protection that protects ------------------------------------------------------------
+
+# Every route that takes a body, as (method, path, content type): the token must be checked from
+# the head, before a byte of the body is read.
+BODY_ROUTES = [
+    ("POST", "/v1/models", "application/json"),
+    ("POST", "/v1/jobs", "application/json"),
+    ("POST", "/v1/models/secret-model/versions", "multipart/form-data; boundary=x"),
+    ("POST", "/v1/datasets", "multipart/form-data; boundary=x"),
+    ("POST", "/v1/models/secret-model/versions/1/promote", "application/json"),
+    ("POST", "/v1/models/secret-model/predict", "application/json"),
+    ("POST", "/v2/models/secret-model/infer", "application/json"),
+    ("POST", "/v2/models/secret-model/versions/1/infer", "application/octet-stream"),
+]
+
+
+def _head_only(port: int, method: str, path: str, content_type: str) -> bytes:
+    """Send a request head that announces a 1 MB body, send none of it, and read the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+            "Content-Length: 1000000\r\n\r\n"
+        )
+        sock.sendall(head.encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)  # a server waiting for the body never answers: timeout
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+def test_protected_reads_reveal_no_models_and_the_token_comes_before_any_body(tmp_path: Path):
+    with running(tmp_path / "data", PROTECT_READS=True) as (srv, client):
+        serve(client, "secret-model", "mlp_bn")
+        for path in ("/readyz", "/v2/health/ready"):
+            r = client.get(path)
+            assert r.status_code == 200, r.text
+            assert "secret-model" not in r.text
+            assert r.json()["models"] == {}
+            assert "secret-model" in client.get(path, headers=AUTH).json()["models"]
+        assert client.get("/healthz").status_code == 200
+        assert_error(client.get("/metrics"), 401, "unauthorized")
+        assert 'model="secret-model"' in client.get("/metrics", headers=AUTH).text
+
+        # A malformed body without the token is a 401, not a 422 about the body.
+        for path in ("/v1/models", "/v1/jobs"):
+            r = client.post(
+                path, content=b"{not json", headers={"content-type": "application/json"}
+            )
+            assert_error(r, 401, "unauthorized")
+        for method, path, content_type in BODY_ROUTES:
+            answer = _head_only(srv.port, method, path, content_type)
+            assert answer.startswith(b"HTTP/1.1 401 "), (path, answer[:200])
+
+
+def test_a_metrics_token_opens_metrics_and_nothing_else(tmp_path: Path):
+    scraper = {"Authorization": "Bearer metrics-token-0123456789"}
+    with running(tmp_path / "data", METRICS_TOKEN="metrics-token-0123456789") as (_, client):
+        assert_error(client.get("/metrics"), 401, "unauthorized")
+        assert client.get("/metrics", headers=scraper).status_code == 200
+        assert client.get("/metrics", headers=AUTH).status_code == 200
+        body = {"name": "m", "architecture": "mlp_bn"}
+        assert_error(client.post("/v1/models", json=body, headers=scraper), 401, "unauthorized")
+        assert client.get("/readyz").status_code == 200  # reads are not protected here

@@ -144,9 +144,9 @@ async def live() -> dict[str, bool]:
     response_model=ServerReadiness,
     responses={400: {"model": ServerReadiness, "description": "not ready"}},
 )
-async def ready(services: ServicesDep) -> JSONResponse:
+async def ready(services: ServicesDep, request: Request) -> JSONResponse:
     """Like /readyz, but 400 when not ready: the protocol's (and Triton's) status for false."""
-    report = await server_readiness(services)
+    report = await server_readiness(services, request)
     ok = report.status == "ready"
     return JSONResponse({"ready": ok, "models": report.models}, status_code=200 if ok else 400)
 
