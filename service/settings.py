@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     MAX_PREDICT_BODY_BYTES: int = Field(16 << 20, gt=0)
     # Largest batch one request may carry.
     MAX_REQUEST_BATCH: int = Field(1024, ge=1)
+    # Most values one answer may hold (outputs, plus probabilities for classifiers; /v2 counts
+    # the outputs asked for): more is refused with 413 before the forward. 2 Mi values are ~22 MB
+    # of JSON; a 12 KB request to a 10,000-class model once asked for 444 MB (issue #17).
+    MAX_RESPONSE_VALUES: int = Field(2 << 20, ge=1)
     # Samples waiting across all batchers before new predictions get 503 + Retry-After.
     MAX_QUEUED_SAMPLES: int = Field(4096, ge=1)
     PREDICT_TIMEOUT_S: float = Field(30.0, gt=0)

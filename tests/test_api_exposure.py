@@ -8,14 +8,25 @@ any body is read.
 
 from __future__ import annotations
 
+import io
 import socket
 import uuid
 from pathlib import Path
 
 import httpx
+import numpy as np
+import torch
 
-from tests.conftest import AUTH
-from tests.helpers_api import assert_error, predict_ok, running, samples, serve
+from tests.conftest import AUTH, reference_model
+from tests.helpers_api import (
+    assert_error,
+    batch_size_histogram,
+    close,
+    predict_ok,
+    running,
+    samples,
+    serve,
+)
 from tests.helpers_jobs import blobs, dataset_id, start_job, wait_until
 
 TRAIN = {"epochs": 3, "batch_size": 8, "lr": 0.05, "seed": 0}
@@ -74,6 +85,68 @@ def test_job_listings_leave_out_epoch_metrics_and_old_jobs_are_pruned(tmp_path: 
             interval=0.2,
         )
         assert client.get(f"/v1/jobs/{kept}").json()["status"] == "queued"  # not ended: kept
+
+
+# --- 4. Answers bounded like requests --------------------------------------------------------
+
+
+def _infer(client: httpx.Client, name: str, x: np.ndarray, *, binary: bool) -> httpx.Response:
+    """A v2 infer of `x` (JSON), asking for `output` as JSON or in the binary extension."""
+    tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32"}
+    body = {
+        "inputs": [{**tensor, "data": x.reshape(-1).tolist()}],
+        "outputs": [{"name": "output", "parameters": {"binary_data": binary}}],
+    }
+    return client.post(f"/v2/models/{name}/infer", json=body)
+
+
+def test_answers_are_capped_before_the_forward_and_large_ones_are_exact(tmp_path: Path):
+    width = 2000  # a regression MLP with 2,000 outputs: 25 samples fill a 50,000-value answer
+    with running(tmp_path / "data", MAX_RESPONSE_VALUES=50_000) as (_, client):
+        config = {"task": "regression", "out_features": width}
+        state = serve(client, "wide", "mlp_bn", **config)
+        reference = reference_model("mlp_bn", state, **config)
+        x = samples((2,), 26)
+        before = batch_size_histogram(client, "wide")
+        for r in (
+            client.post("/v1/models/wide/predict", json={"inputs": x.tolist()}),
+            _infer(client, "wide", x.numpy(), binary=True),
+        ):
+            assert r.status_code == 413, r.text[:300]
+            assert r.json()["code"] == "response_too_large"
+            assert r.json()["max_samples"] == 25
+        assert batch_size_histogram(client, "wide") == before  # refused before any forward
+
+        # 25 samples: answered exactly, the JSON encoded in blocks (more than BLOCK_VALUES).
+        expected = reference(x[:25])
+        outputs, _ = predict_ok(client, "wide", x[:25])
+        assert close(outputs, expected)
+        r = _infer(client, "wide", x[:25].numpy(), binary=False)
+        assert r.status_code == 200, r.text
+        data = torch.tensor(r.json()["outputs"][0]["data"]).reshape(25, width)
+        assert close(data, expected)
+
+
+def test_outputs_that_overflow_are_an_error_never_nulls(client):
+    serve(client, "m", "mlp_bn")
+    x = np.array([[0.0, 1.0], [3.4e38, -3.4e38]], np.float32)  # the second overflows
+    npy = io.BytesIO()
+    np.save(npy, x)
+    answers = {
+        "v1-json": client.post("/v1/models/m/predict", json={"inputs": x.tolist()}),
+        "v1-npy": client.post(
+            "/v1/models/m/predict",
+            content=npy.getvalue(),
+            headers={"content-type": "application/x-npy"},
+        ),
+        "v2-json": _infer(client, "m", x, binary=False),
+        "v2-binary": _infer(client, "m", x, binary=True),
+    }
+    for kind, r in answers.items():
+        assert r.status_code == (400 if kind.startswith("v2") else 422), (kind, r.text)
+        assert r.json()["code"] == "non_finite_output", kind
+        assert r.json()["samples"] == [1], kind
+    predict_ok(client, "m", torch.from_numpy(x[:1]))  # the finite sample alone is answered
 
 
 # --- 5. Read protection that protects ------------------------------------------------------------

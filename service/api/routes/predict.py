@@ -19,6 +19,7 @@ import torch
 from fastapi import APIRouter, Query, Request, Response
 
 from service.api.deps import ReadAuth, Services, ServicesDep
+from service.api.encoding import json_array
 from service.api.openapi import errors
 from service.api.schemas import PredictRequest, PredictResponse
 from service.errors import (
@@ -137,15 +138,23 @@ def _media_kind(content_type: str | None) -> str:
     )
 
 
-def encode_answer(loaded: LoadedModel, out: torch.Tensor, probs: torch.Tensor | None) -> bytes:
-    """The JSON answer, from the output tensors without a detour through Python lists."""
+def encode_answer(
+    loaded: LoadedModel, out: torch.Tensor, probs: torch.Tensor | None, large: bool = False
+) -> bytes:
+    """The JSON answer, from the output tensors without a detour through Python lists; a
+    `large` one (encoded in a thread) in blocks, so it never holds the GIL for long."""
     outputs = out.numpy()
-    answer: dict[str, Any] = {"model": loaded.name, "version": loaded.version, "outputs": outputs}
+    array: Any = json_array if large else _as_is
+    answer: dict[str, Any] = {
+        "model": loaded.name,
+        "version": loaded.version,
+        "outputs": array(outputs),
+    }
     if probs is not None:
         probabilities = probs.numpy()
         predictions = probabilities.argmax(axis=1)
         answer["predictions"] = predictions
-        answer["probabilities"] = probabilities
+        answer["probabilities"] = array(probabilities)
         if loaded.labels is not None:
             answer["labels"] = [loaded.labels[i] for i in predictions.tolist()]
         else:
@@ -161,7 +170,7 @@ def encode_answer(loaded: LoadedModel, out: torch.Tensor, probs: torch.Tensor | 
     openapi_extra=_BODY_DOC,
     responses={
         200: {"headers": {"X-Model-Version": {"schema": {"type": "integer"}}}},
-        **errors(404, 409, 415, 422, 503),
+        **errors(404, 409, 413, 415, 422, 503),
     },
 )
 async def predict(
@@ -198,9 +207,10 @@ async def answer(request: Request, services: Services, name: str, version: int |
         args = (kind, body, inputs, request.headers.get("x-shape"), loaded)
         limit = settings.MAX_REQUEST_BATCH
         x = await _decode_async(*args, limit) if large else _decode(*args, limit)
+        handle.check_rows(int(x.shape[0]), settings.MAX_RESPONSE_VALUES)
         out, probs = await handle.predict(x, settings.PREDICT_TIMEOUT_S)
         if out.numel() * (1 if probs is None else 2) > INLINE_OUTPUT_VALUES:
-            payload = await asyncio.to_thread(encode_answer, loaded, out, probs)
+            payload = await asyncio.to_thread(encode_answer, loaded, out, probs, True)
         else:
             payload = encode_answer(loaded, out, probs)
         outcome = "ok"
@@ -215,6 +225,10 @@ async def answer(request: Request, services: Services, name: str, version: int |
         media_type="application/json",
         headers={"X-Model-Version": str(loaded.version)},
     )
+
+
+def _as_is(array: Any) -> Any:
+    return array
 
 
 async def _decode_async(
