@@ -14,8 +14,9 @@ import torch
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.api.auth import check_bearer
+from service.api.auth import UNAUTHORIZED, bearer_matches, check_bearer
 from service.datasets.store import DatasetStore
+from service.errors import Unauthorized
 from service.files import Owner
 from service.jobs import JobQueue
 from service.locks import KeyedLocks
@@ -102,5 +103,19 @@ async def require_read_token(
         check_bearer(request, services.token)
 
 
+async def require_metrics_token(
+    request: Request,
+    services: ServicesDep,
+    _: Annotated[Credentials, Depends(_read_bearer)],
+) -> None:
+    """/metrics needs a token with BNSERVE_PROTECT_READS or BNSERVE_METRICS_TOKEN (either one)."""
+    settings = services.settings
+    if (settings.PROTECT_READS or settings.METRICS_TOKEN) and not bearer_matches(
+        request.headers.get("authorization", ""), services.token, settings.METRICS_TOKEN
+    ):
+        raise Unauthorized(UNAUTHORIZED)
+
+
 WriteAuth = Depends(require_token)
 ReadAuth = Depends(require_read_token)
+MetricsAuth = Depends(require_metrics_token)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.auth import UNAUTHORIZED, bearer_matches
@@ -46,7 +47,9 @@ class TokenGate:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._allowed(scope):
+        # A request no route takes goes on to the router's 404 or 405 (which read no body), as
+        # before; looked up only for requests that lack the token.
+        if scope["type"] != "http" or self._allowed(scope) or not _routed(scope):
             await self.app(scope, receive, send)
             return
         response = error_response(401, UNAUTHORIZED, "unauthorized", for_path=scope["path"])
@@ -69,6 +72,11 @@ class TokenGate:
         if read and not settings.PROTECT_READS:
             return True
         return bearer_matches(_authorization(scope), services.token)
+
+
+def _routed(scope: Scope) -> bool:
+    """Whether a route of the app takes this method and path."""
+    return any(route.matches(scope)[0] is Match.FULL for route in scope["app"].router.routes)
 
 
 def _authorization(scope: Scope) -> str:

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.auth import bearer_matches
-from service.api.deps import Services, ServicesDep
+from service.api.deps import MetricsAuth, Services, ServicesDep
 from service.api.schemas import Health, Readiness
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ async def readyz(services: ServicesDep, request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if body.status == "ready" else 503)
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get("/metrics", response_class=PlainTextResponse, dependencies=[MetricsAuth])
 async def metrics(services: ServicesDep) -> Response:
     services.metrics.queued.set(services.manager.admission.queued)
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
