@@ -63,11 +63,10 @@ class Handle:
     # (outputs, and probabilities for classifiers): one integer comparison per request.
     max_rows: int
 
-    def check_rows(self, n: int, limit: int) -> None:
-        """413 `response_too_large` before the forward, for an answer of more than `limit`."""
-        if n > self.max_rows:
-            per_sample = self.loaded.config.num_outputs() * (2 if self.loaded.is_classifier else 1)
-            raise response_too_large(n, per_sample, limit)
+    def too_large(self, n: int, limit: int) -> ResponseTooLarge:
+        """The 413 for `n` samples, whose answer would pass `limit` values (n > max_rows)."""
+        per_sample = self.loaded.config.num_outputs() * (2 if self.loaded.is_classifier else 1)
+        return response_too_large(n, per_sample, limit)
 
     @property
     def version(self) -> int:

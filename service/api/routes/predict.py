@@ -143,18 +143,17 @@ def encode_answer(
 ) -> bytes:
     """The JSON answer, from the output tensors without a detour through Python lists; a
     `large` one (encoded in a thread) in blocks, so it never holds the GIL for long."""
-    outputs = out.numpy()
-    array: Any = json_array if large else _as_is
+    outputs: Any = out.numpy()
     answer: dict[str, Any] = {
         "model": loaded.name,
         "version": loaded.version,
-        "outputs": array(outputs),
+        "outputs": json_array(outputs) if large else outputs,
     }
     if probs is not None:
         probabilities = probs.numpy()
         predictions = probabilities.argmax(axis=1)
         answer["predictions"] = predictions
-        answer["probabilities"] = array(probabilities)
+        answer["probabilities"] = json_array(probabilities) if large else probabilities
         if loaded.labels is not None:
             answer["labels"] = [loaded.labels[i] for i in predictions.tolist()]
         else:
@@ -207,7 +206,8 @@ async def answer(request: Request, services: Services, name: str, version: int |
         args = (kind, body, inputs, request.headers.get("x-shape"), loaded)
         limit = settings.MAX_REQUEST_BATCH
         x = await _decode_async(*args, limit) if large else _decode(*args, limit)
-        handle.check_rows(int(x.shape[0]), settings.MAX_RESPONSE_VALUES)
+        if x.shape[0] > handle.max_rows:  # the answer's size, known before the forward
+            raise handle.too_large(int(x.shape[0]), settings.MAX_RESPONSE_VALUES)
         out, probs = await handle.predict(x, settings.PREDICT_TIMEOUT_S)
         if out.numel() * (1 if probs is None else 2) > INLINE_OUTPUT_VALUES:
             payload = await asyncio.to_thread(encode_answer, loaded, out, probs, True)
@@ -225,10 +225,6 @@ async def answer(request: Request, services: Services, name: str, version: int |
         media_type="application/json",
         headers={"X-Model-Version": str(loaded.version)},
     )
-
-
-def _as_is(array: Any) -> Any:
-    return array
 
 
 async def _decode_async(
