@@ -148,8 +148,10 @@ class Batcher:
             error: BaseException | None = asyncio.CancelledError()
         else:
             error = done.exception()
-        if isinstance(error, RowsRefused):
+        if isinstance(error, RowsRefused):  # the pass ran: its rows go out, refused or not
             self._finish_rows(batch, error)
+            if self._on_batch is not None:
+                self._on_batch(size)
         elif error is not None:  # every waiter of this pass gets the error; the batcher goes on
             for item in batch:
                 if not item.future.done():
