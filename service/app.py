@@ -33,6 +33,7 @@ from service.api.routes import (
     versions,
 )
 from service.api.routes.ui import install_ui
+from service.api.token_gate import TokenGate
 from service.checkpoints.store import CheckpointStore
 from service.datasets.store import DatasetStore
 from service.db.engine import engine_for, make_sessionmaker, migrate
@@ -40,6 +41,7 @@ from service.db.threads import DatabaseThreads
 from service.demo import seed_demo
 from service.files import Owner
 from service.jobs import JobQueue
+from service.loops import PeriodicLoop
 from service.metrics import Metrics
 from service.registry import Registry
 from service.serving.device import resolve_device
@@ -73,6 +75,8 @@ def build_services(settings: Settings) -> Services:
     owner.sweep(settings.upload_dir)
     owner.sweep_owners()
     jobs = JobQueue(sessions)
+    if settings.JOB_RETENTION_S:
+        jobs.prune(settings.JOB_RETENTION_S)
     ResumeStore(settings.resume_dir, owner).sweep(jobs)
     if settings.DEMO:
         seed_demo(settings, registry, datasets, jobs, owner)
@@ -95,6 +99,7 @@ def build_services(settings: Settings) -> Services:
 
     manager.on_swap = on_swap
     manager.on_load_failure = lambda name: metrics.version_load_failures.labels(name).inc()
+    manager.on_forget = metrics.forget_model
     return Services(
         settings=settings,
         registry=registry,
@@ -110,6 +115,20 @@ def build_services(settings: Settings) -> Services:
     )
 
 
+def job_pruner(settings: Settings, jobs: JobQueue) -> PeriodicLoop | None:
+    """The loop that deletes jobs ended more than BNSERVE_JOB_RETENTION_S ago (None: keep all)."""
+    retention = settings.JOB_RETENTION_S
+    if not retention:
+        return None
+
+    async def prune() -> None:
+        pruned = await asyncio.to_thread(jobs.prune, retention)
+        if pruned:
+            log.info("pruned %d jobs that ended more than %.0f s ago", pruned, retention)
+
+    return PeriodicLoop("job pruning", settings.job_prune_interval_s(), prune)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -118,9 +137,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await services.manager.start()
     supervisor = WorkerSupervisor(settings, services.jobs)
     await supervisor.start()
+    pruner = job_pruner(settings, services.jobs)
+    if pruner is not None:
+        pruner.start()
     try:
         yield
     finally:
+        if pruner is not None:
+            await pruner.stop()
         await supervisor.stop()
         await services.manager.stop()
         services.upload_executor.shutdown(wait=False, cancel_futures=True)
@@ -154,7 +178,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
-    # Added first, so it is the innermost middleware: the others still wrap every prediction.
+    # Added first, so it is the innermost middleware: the token is checked from the head of
+    # every request that the fast path does not answer (that one checks it itself).
+    app.add_middleware(TokenGate)
+    # Then the fast path: the others still wrap every prediction.
     app.add_middleware(PredictFastPath)
     app.add_middleware(BodyLimitMiddleware, limit=settings.MAX_UPLOAD_BYTES)
     # Added last, so it runs first: a request for a foreign host gets no further.

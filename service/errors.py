@@ -73,6 +73,20 @@ class PayloadTooLarge(BNServeError):
     code = "payload_too_large"
 
 
+class ResponseTooLarge(PayloadTooLarge):
+    """An answer that would hold more values than BNSERVE_MAX_RESPONSE_VALUES (refused before
+    the forward pass)."""
+
+    code = "response_too_large"
+
+
+class NonFiniteOutput(BNServeError):
+    """Outputs that overflowed to Inf or NaN: JSON has no such numbers (they would be `null`)."""
+
+    status = 422
+    code = "non_finite_output"
+
+
 class UnsupportedMediaType(BNServeError):
     status = 415
     code = "unsupported_media_type"

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session, defer, sessionmaker
 
 from service.db.engine import read_sessions
 from service.db.tables import JobRow, ModelRow, VersionRow, utcnow
@@ -128,11 +128,27 @@ class JobQueue:
             return row
 
     def recent(self, *, status: str | None = None, limit: int = 100) -> list[JobRow]:
-        query = select(JobRow).order_by(JobRow.created_at.desc()).limit(limit)
+        """The newest jobs, without their per-epoch metrics (not even read from the database)."""
+        query = (
+            select(JobRow)
+            .options(defer(JobRow.metrics, raiseload=True))
+            .order_by(JobRow.created_at.desc())
+            .limit(limit)
+        )
         if status is not None:
             query = query.where(JobRow.status == status)
         with self._reads.begin() as session:
             return list(session.scalars(query))
+
+    def prune(self, older_than_s: float) -> int:
+        """Delete jobs that ended more than `older_than_s` ago (BNSERVE_JOB_RETENTION_S); the
+        versions they published keep their lineage. Returns how many went."""
+        cutoff = utcnow() - timedelta(seconds=older_than_s)
+        with self._sessions.begin() as session:
+            result = session.execute(
+                delete(JobRow).where(JobRow.status.in_(FINAL), JobRow.finished_at < cutoff)
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
 
     def statuses(self, job_ids: list[str]) -> dict[str, str]:
         """The status of each of `job_ids` that still exists."""

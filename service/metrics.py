@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 
 class Metrics:
@@ -68,3 +69,9 @@ class Metrics:
         self.latency.labels(model).observe(seconds)
         if samples:
             self.samples.labels(model).inc(samples)
+
+    def forget_model(self, model: str) -> None:
+        """Drop every label set of a deleted model, so deleted names do not pile up here."""
+        for metric in vars(self).values():
+            if isinstance(metric, MetricWrapperBase) and "model" in metric._labelnames:
+                metric.remove_by_labels({"model": model})

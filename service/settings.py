@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Shorter bearer tokens are refused: a short one can be guessed, an empty one matches nothing sent.
@@ -29,7 +29,10 @@ class Settings(BaseSettings):
     DATABASE_URL: str = ""
     DEVICE: str = "auto"
     API_TOKEN: str | None = None
+    # Reads and predictions need the token too; /readyz then names no models to callers without it.
     PROTECT_READS: bool = False
+    # A second token that opens /metrics alone (for a scraper); set, /metrics always needs a token.
+    METRICS_TOKEN: str | None = None
     # Host names the server answers for (the Host header); empty means the bind address and the
     # loopback names. `*` allows any, `*.example.com` any subdomain.
     ALLOWED_HOSTS: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -80,6 +83,10 @@ class Settings(BaseSettings):
     MAX_IMAGE_PIXELS: int = Field(4096 * 4096, ge=1)
     # Largest batch one request may carry.
     MAX_REQUEST_BATCH: int = Field(1024, ge=1)
+    # Most values one answer may hold (outputs, plus probabilities for classifiers; /v2 counts
+    # the outputs asked for): more is refused with 413 before the forward. 2 Mi values are ~22 MB
+    # of JSON; a 12 KB request to a 10,000-class model once asked for 444 MB (issue #17).
+    MAX_RESPONSE_VALUES: int = Field(2 << 20, ge=1)
     # Samples waiting across all batchers before new predictions get 503 + Retry-After.
     MAX_QUEUED_SAMPLES: int = Field(4096, ge=1)
     PREDICT_TIMEOUT_S: float = Field(30.0, gt=0)
@@ -101,6 +108,9 @@ class Settings(BaseSettings):
     # A running job whose heartbeat is older than this is taken to have lost its worker.
     JOB_STALE_AFTER_S: float = Field(15.0, gt=0)
     JOB_MAX_ATTEMPTS: int = Field(2, ge=1)
+    # Jobs that ended (succeeded, failed, cancelled) longer ago than this are deleted, at start
+    # and by each API process in the background (0 keeps them forever); default 30 days.
+    JOB_RETENTION_S: float = Field(30 * 24 * 3600.0, ge=0)
     # PyTorch threads per worker; 0 shares this machine's cores among the server's workers, so
     # several workers do not oversubscribe the CPU (which slows each of them several-fold).
     WORKER_THREADS: int = Field(0, ge=0)
@@ -124,16 +134,17 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("API_TOKEN")
+    @field_validator("API_TOKEN", "METRICS_TOKEN")
     @classmethod
-    def _check_token(cls, value: str | None) -> str | None:
+    def _check_token(cls, value: str | None, info: ValidationInfo) -> str | None:
         # Unset or empty (`BNSERVE_API_TOKEN=` in a .env file): the server keeps its own token.
         if value is None or value == "":
             return None
         if len(value.strip()) < MIN_TOKEN_LENGTH or value != value.strip():
+            generated = " (or unset it to have one generated in the data dir)"
             raise ValueError(
-                f"BNSERVE_API_TOKEN must be at least {MIN_TOKEN_LENGTH} characters with no "
-                "surrounding whitespace (or unset it to have one generated in the data dir)"
+                f"BNSERVE_{info.field_name} must be at least {MIN_TOKEN_LENGTH} characters with "
+                "no surrounding whitespace" + (generated if info.field_name == "API_TOKEN" else "")
             )
         return value
 
@@ -179,6 +190,10 @@ class Settings(BaseSettings):
     def db_connections(self) -> int:
         """Pooled connections per process: one per database and upload thread, and two spare."""
         return self.DB_THREADS + self.UPLOAD_THREADS + 2
+
+    def job_prune_interval_s(self) -> float:
+        """How often old jobs are pruned: a tenth of the retention, between 1 s and an hour."""
+        return min(3600.0, max(1.0, self.JOB_RETENTION_S / 10))
 
     def worker_threads(self) -> int:
         if self.WORKER_THREADS:

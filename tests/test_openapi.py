@@ -131,9 +131,12 @@ def test_with_protect_reads_every_v1_operation_documents_the_token(tmp_path: Pat
     with running(tmp_path / "data", PROTECT_READS=True) as (_, client):
         operations = _operations(_document(client))
         for (method, path), operation in operations.items():
-            # /v2 as /v1, but its health probes answer without a token, as /healthz does.
-            protected = path.startswith("/v1/") or (
-                path.startswith("/v2") and not path.startswith("/v2/health/")
+            # /v2 as /v1, but its health probes answer without a token, as /healthz does;
+            # /metrics needs it too (issue #17).
+            protected = (
+                path.startswith("/v1/")
+                or path == "/metrics"
+                or (path.startswith("/v2") and not path.startswith("/v2/health/"))
             )
             assert ("security" in operation) is protected, (method, path)
             assert ("401" in operation["responses"]) is protected, (method, path)

@@ -73,15 +73,27 @@ def load_or_create_token(settings: Settings) -> str:
     return token
 
 
-def check_bearer(request: Request, token: str) -> None:
-    header = request.headers.get("authorization", "")
+UNAUTHORIZED = (
+    "missing or wrong bearer token: send 'Authorization: Bearer <token>' "
+    "(BNSERVE_API_TOKEN, or the file api-token in the data dir)"
+)
+
+
+def bearer_matches(header: str, *tokens: str | None) -> bool:
+    """Whether an `Authorization` header carries one of `tokens` (compared in constant time)."""
     scheme, _, given = header.partition(" ")
-    if (
-        len(token) < MIN_TOKEN_LENGTH  # never reached; but an empty token must never match ""
-        or scheme.lower() != "bearer"
-        or not hmac.compare_digest(given.strip().encode(), token.encode())
-    ):
-        raise Unauthorized(
-            "missing or wrong bearer token: send 'Authorization: Bearer <token>' "
-            "(BNSERVE_API_TOKEN, or the file api-token in the data dir)",
-        )
+    if scheme.lower() != "bearer":
+        return False
+    sent = given.strip().encode()
+    # An empty or short token never matches (never reached: settings and the file refuse them).
+    return any(
+        token is not None
+        and len(token) >= MIN_TOKEN_LENGTH
+        and hmac.compare_digest(sent, token.encode())
+        for token in tokens
+    )
+
+
+def check_bearer(request: Request, token: str) -> None:
+    if not bearer_matches(request.headers.get("authorization", ""), token):
+        raise Unauthorized(UNAUTHORIZED)

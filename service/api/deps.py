@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 from collections.abc import Callable
@@ -14,11 +15,13 @@ import torch
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.api.auth import check_bearer
+from service.api.auth import UNAUTHORIZED, bearer_matches, check_bearer
 from service.datasets.store import DatasetStore
 from service.db.threads import DatabaseThreads
+from service.errors import Unauthorized
 from service.files import Owner
 from service.jobs import JobQueue
+from service.locks import KeyedLocks
 from service.metrics import Metrics
 from service.registry import Registry
 from service.serving.manager import ModelManager
@@ -47,11 +50,11 @@ class Services:
     upload_executor: ThreadPoolExecutor
     # Every database call of a request or of the serving sync (BNSERVE_DB_THREADS threads).
     db: DatabaseThreads
-    upload_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    upload_locks: KeyedLocks = field(default_factory=KeyedLocks)
 
-    def upload_lock(self, name: str) -> asyncio.Lock:
+    def upload_lock(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Uploads of one model are processed one at a time in this process."""
-        return self.upload_locks.setdefault(name, asyncio.Lock())
+        return self.upload_locks.hold(name)
 
     async def run_upload(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run blocking upload work on the upload executor (BNSERVE_UPLOAD_THREADS threads)."""
@@ -108,5 +111,19 @@ async def require_read_token(
         check_bearer(request, services.token)
 
 
+async def require_metrics_token(
+    request: Request,
+    services: ServicesDep,
+    _: Annotated[Credentials, Depends(_read_bearer)],
+) -> None:
+    """/metrics needs a token with BNSERVE_PROTECT_READS or BNSERVE_METRICS_TOKEN (either one)."""
+    settings = services.settings
+    if (settings.PROTECT_READS or settings.METRICS_TOKEN) and not bearer_matches(
+        request.headers.get("authorization", ""), services.token, settings.METRICS_TOKEN
+    ):
+        raise Unauthorized(UNAUTHORIZED)
+
+
 WriteAuth = Depends(require_token)
 ReadAuth = Depends(require_read_token)
+MetricsAuth = Depends(require_metrics_token)

@@ -228,7 +228,10 @@ class JobProgress(BaseModel):
     steps: int = 0
 
 
-class JobPublic(BaseModel):
+class JobSummary(BaseModel):
+    """A job as `GET /v1/jobs` lists it: everything but the per-epoch metrics, which grow with
+    the epochs (up to 1,000 entries a job) and made a listing of 1,000 jobs megabytes long."""
+
     id: str
     kind: str
     model: str
@@ -236,7 +239,6 @@ class JobPublic(BaseModel):
     base_version: int | str | None
     status: str
     progress: JobProgress
-    metrics: list[dict[str, Any]]
     params: dict[str, Any]
     promote: str
     result_version: int | None
@@ -250,8 +252,8 @@ class JobPublic(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
 
-    @classmethod
-    def of(cls, row: JobRow) -> JobPublic:
+    @staticmethod
+    def fields_of(row: JobRow) -> dict[str, Any]:
         base: int | str | None = row.base_version
         if isinstance(base, str) and base.isdigit():
             base = int(base)
@@ -260,24 +262,37 @@ class JobPublic(BaseModel):
             if row.progress
             else JobProgress(epochs=int(row.params.get("epochs") or 0))
         )
-        return cls(
-            id=row.id,
-            kind=row.kind,
-            model=row.model_name,
-            dataset=row.dataset_id,
-            base_version=base,
-            status=row.status,
-            progress=progress,
-            metrics=row.metrics,
-            params=row.params,
-            promote=row.promote,
-            result_version=row.result_version,
-            promoted=row.promoted,
-            error=row.error,
-            attempts=row.attempts,
-            resumed_from_epoch=int((row.progress or {}).get("resumed_from_epoch", 0)),
-            worker=row.worker_id,
-            created_at=row.created_at,
-            started_at=row.started_at,
-            finished_at=row.finished_at,
-        )
+        return {
+            "id": row.id,
+            "kind": row.kind,
+            "model": row.model_name,
+            "dataset": row.dataset_id,
+            "base_version": base,
+            "status": row.status,
+            "progress": progress,
+            "params": row.params,
+            "promote": row.promote,
+            "result_version": row.result_version,
+            "promoted": row.promoted,
+            "error": row.error,
+            "attempts": row.attempts,
+            "resumed_from_epoch": int((row.progress or {}).get("resumed_from_epoch", 0)),
+            "worker": row.worker_id,
+            "created_at": row.created_at,
+            "started_at": row.started_at,
+            "finished_at": row.finished_at,
+        }
+
+    @classmethod
+    def of(cls, row: JobRow) -> JobSummary:
+        return cls(**cls.fields_of(row))
+
+
+class JobPublic(JobSummary):
+    """One job (`GET /v1/jobs/{id}`, and the answers of create and cancel), with its metrics."""
+
+    metrics: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, row: JobRow) -> JobPublic:
+        return cls(**cls.fields_of(row), metrics=row.metrics)

@@ -24,6 +24,7 @@ import orjson
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from service.api.encoding import json_array
 from service.errors import InvalidInput, PayloadTooLarge
 from service.serving.inputs import check_array
 
@@ -293,8 +294,10 @@ def encode_response(
     model_version: int,
     request_id: str | None,
     tensors: list[tuple[str, np.ndarray[Any, Any], bool]],
+    in_blocks: bool = False,
 ) -> tuple[bytes, int | None]:
-    """The response body, and its JSON header's length when binary outputs follow it."""
+    """The response body, and its JSON header's length when binary outputs follow it; JSON data
+    `in_blocks` for large answers (`service.api.encoding`: the GIL is given back between them)."""
     outputs: list[dict[str, Any]] = []
     raw: list[bytes] = []
     for name, array, binary in tensors:
@@ -304,7 +307,8 @@ def encode_response(
             entry["parameters"] = {"binary_data_size": len(data)}
             raw.append(data)
         else:
-            entry["data"] = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
+            flat = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
+            entry["data"] = json_array(flat) if in_blocks else flat
         outputs.append(entry)
     head: dict[str, Any] = {"model_name": model_name, "model_version": str(model_version)}
     if request_id is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -46,6 +46,23 @@ class Admission:
 
     def leave(self, n: int) -> None:
         self.queued -= n
+
+
+class RowsRefused(Exception):
+    """Raised by a forward whose whole batch was computed but some of whose rows may not be
+    returned (outputs that overflowed): each request gets its own rows as usual, or
+    `error_for(indices)` when any of its rows is refused, so no request fails for a batch-mate."""
+
+    def __init__(
+        self,
+        rows: torch.Tensor,
+        refused: Sequence[bool],
+        error_for: Callable[[list[int]], BaseException],
+    ) -> None:
+        super().__init__("some rows of the batch were refused")
+        self.rows = rows
+        self.refused = refused
+        self.error_for = error_for
 
 
 @dataclass(slots=True)
@@ -131,7 +148,11 @@ class Batcher:
             error: BaseException | None = asyncio.CancelledError()
         else:
             error = done.exception()
-        if error is not None:  # every waiter of this pass gets the error; the batcher goes on
+        if isinstance(error, RowsRefused):  # the pass ran: its rows go out, refused or not
+            self._finish_rows(batch, error)
+            if self._on_batch is not None:
+                self._on_batch(size)
+        elif error is not None:  # every waiter of this pass gets the error; the batcher goes on
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(error)
@@ -148,6 +169,19 @@ class Batcher:
             self._busy = False
             return
         self._start_next()
+
+    @staticmethod
+    def _finish_rows(batch: list[_Item], refused: RowsRefused) -> None:
+        """Each request its rows, or the error naming its refused rows (rare: see RowsRefused)."""
+        offset = 0
+        for item in batch:
+            if not item.future.done():
+                bad = [i for i in range(item.n) if refused.refused[offset + i]]
+                if bad:
+                    item.future.set_exception(refused.error_for(bad))
+                else:
+                    item.future.set_result(refused.rows[offset : offset + item.n])
+            offset += item.n
 
     async def close(self) -> None:
         """Shutdown: waiting requests are cancelled."""

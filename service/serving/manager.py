@@ -36,8 +36,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from models import get_architecture
@@ -45,10 +47,18 @@ from service.checkpoints.validation import state_dict_from_safetensors
 from service.db.retry import is_transient
 from service.db.tables import ModelRow, VersionRow
 from service.db.threads import DatabaseThreads
-from service.errors import ModelReplaced, NotFound, NotServing, Overloaded
+from service.errors import (
+    ModelReplaced,
+    NonFiniteOutput,
+    NotFound,
+    NotServing,
+    Overloaded,
+    ResponseTooLarge,
+)
+from service.locks import KeyedLocks
 from service.loops import PeriodicLoop
 from service.registry import Identity, Registry
-from service.serving.batcher import Admission, Batcher
+from service.serving.batcher import Admission, Batcher, RowsRefused
 from service.serving.device import release_memory
 from service.serving.loaded import LoadedModel, build_loaded
 from service.serving.optimize import OptimizeOptions
@@ -99,6 +109,14 @@ class Handle:
 
     loaded: LoadedModel
     batcher: Batcher
+    # Most samples one request may send before its answer would pass BNSERVE_MAX_RESPONSE_VALUES
+    # (outputs, and probabilities for classifiers): one integer comparison per request.
+    max_rows: int
+
+    def too_large(self, n: int, limit: int) -> ResponseTooLarge:
+        """The 413 for `n` samples, whose answer would pass `limit` values (n > max_rows)."""
+        per_sample = self.loaded.config.num_outputs() * (2 if self.loaded.is_classifier else 1)
+        return response_too_large(n, per_sample, limit)
 
     @property
     def version(self) -> int:
@@ -128,20 +146,49 @@ class Handle:
         return rows[:, :width].contiguous(), rows[:, width:].contiguous()
 
 
+def response_too_large(n: int, per_sample: int, limit: int) -> ResponseTooLarge:
+    """The 413 for an answer of `n` samples x `per_sample` values over `limit` values."""
+    most = limit // per_sample
+    return ResponseTooLarge(
+        f"the answer to {n} samples would hold {n * per_sample} values ({per_sample} per "
+        f"sample), more than the limit of {limit} (BNSERVE_MAX_RESPONSE_VALUES): send at most "
+        f"{most} samples per request" + ("" if most else ", or raise the limit"),
+        limit=limit,
+        max_samples=most,
+    )
+
+
 def with_probabilities(loaded: LoadedModel) -> Callable[[torch.Tensor], torch.Tensor]:
     """The batcher's forward: for classifiers, outputs and softmax side by side, `[out | p]`.
 
     The softmax then runs once per batch on the forward thread instead of once per request on
-    the event loop (~20 us a request there, measured with py-spy under 64 clients).
+    the event loop (~20 us a request there, measured with py-spy under 64 clients). So does the
+    check that every value is finite (NumPy's, a few us a batch where torch.isfinite took ~50):
+    rows that overflowed to Inf or NaN are refused (`RowsRefused`), the rest of the batch is
+    answered as usual, so no answer ever carries `null` for a number.
     """
-    if not loaded.is_classifier:
-        return loaded.forward
+    classifier = loaded.is_classifier
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         out = loaded.forward(x)
-        return torch.cat([out, torch.softmax(out, dim=1)], dim=1)
+        rows = torch.cat([out, torch.softmax(out, dim=1)], dim=1) if classifier else out
+        finite = np.isfinite(rows.numpy())
+        if not finite.all():
+            refused = (~finite.reshape(len(finite), -1).all(axis=1)).tolist()
+            raise RowsRefused(rows, refused, partial(_non_finite, loaded))
+        return rows
 
     return forward
+
+
+def _non_finite(loaded: LoadedModel, samples: list[int]) -> NonFiniteOutput:
+    return NonFiniteOutput(
+        f"the outputs of {loaded.name!r} version {loaded.version} for sample(s) "
+        f"{', '.join(map(str, samples[:10]))}{', ...' if len(samples) > 10 else ''} of this "
+        "request overflowed to Inf or NaN (inputs far outside what the model was trained on?); "
+        "no answer rather than nulls",
+        samples=samples[:100],
+    )
 
 
 class ModelManager:
@@ -163,7 +210,7 @@ class ModelManager:
         self._failures: dict[str, LoadFailure] = {}
         # The file of each model's last failed load and its signature before it was read.
         self._failed_files: dict[str, tuple[Path, tuple[int, int, int] | None]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = KeyedLocks()
         self._loading: dict[tuple[str, int], asyncio.Future[Handle]] = {}
         # Per-model `max_batch_size` from the model's serving options, read when it loads.
         self._max_batch: dict[str, int] = {}
@@ -174,6 +221,7 @@ class ModelManager:
         self.on_batch: Callable[[str, int], None] | None = None
         self.on_swap: Callable[[str, int], None] | None = None
         self.on_load_failure: Callable[[str], None] | None = None
+        self.on_forget: Callable[[str], None] | None = None
 
     # Life cycle
 
@@ -188,8 +236,9 @@ class ModelManager:
             await handle.batcher.close()
         self._executor.shutdown(wait=True)
 
-    def lock(self, name: str) -> asyncio.Lock:
-        return self._locks.setdefault(name, asyncio.Lock())
+    def lock(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Loads, promotes and syncs of one model, one at a time (held only while in use)."""
+        return self._locks.hold(name)
 
     # Requests
 
@@ -245,8 +294,6 @@ class ModelManager:
                 future.exception()  # retrieved: nobody else may be waiting
             else:
                 future.cancel()
-            if isinstance(exc, NotFound) and name not in self._serving:
-                self._locks.pop(name, None)  # no state left behind for names that do not exist
             raise
         finally:
             del self._loading[key]
@@ -316,6 +363,8 @@ class ModelManager:
         self._failures.pop(name, None)
         self._failed_files.pop(name, None)
         self._swapped_at.pop(name, None)
+        if self.on_forget is not None:
+            self.on_forget(name)
 
     def _drop_other_models(self, name: str, model_id: str) -> None:
         """Forget what this process holds for `name` when it was another model's (deleted)."""
@@ -418,7 +467,8 @@ class ModelManager:
             admission=self.admission,
             on_batch=count,
         )
-        return Handle(loaded, batcher)
+        per_sample = loaded.config.num_outputs() * (2 if loaded.is_classifier else 1)
+        return Handle(loaded, batcher, self._settings.MAX_RESPONSE_VALUES // per_sample)
 
     async def _load_confirmed(
         self, name: str, version: int, model_id: str | None = None

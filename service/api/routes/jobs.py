@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from models import get_architecture
 from service.api.deps import ReadAuth, Services, ServicesDep, WriteAuth
 from service.api.openapi import errors
-from service.api.schemas import JobCreate, JobPublic
+from service.api.schemas import JobCreate, JobPublic, JobSummary
 from service.architectures import check_architecture
 from service.datasets.reader import check_labels_for_model, check_shapes_for_model
 from service.db.tables import JobRow
@@ -126,9 +126,10 @@ async def list_jobs(
         str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> list[JobPublic]:
+) -> list[JobSummary]:
+    """The newest jobs first, without per-epoch metrics (`GET /v1/jobs/{id}` has them)."""
     rows = await services.db.run(services.jobs.recent, status=status, limit=limit)
-    return [JobPublic.of(r) for r in rows]
+    return [JobSummary.of(r) for r in rows]
 
 
 @router.get("/{job_id}", dependencies=[ReadAuth], responses=errors(404))

@@ -19,6 +19,7 @@ import torch
 from fastapi import APIRouter, Query, Request, Response
 
 from service.api.deps import ReadAuth, Services, ServicesDep
+from service.api.encoding import json_array
 from service.api.openapi import errors
 from service.api.schemas import PredictRequest, PredictResponse
 from service.errors import (
@@ -179,16 +180,25 @@ def _media_kind(content_type: str | None) -> str:
 
 
 def encode_answer(
-    loaded: LoadedModel, out: torch.Tensor, probs: torch.Tensor | None, top_k: int | None = None
+    loaded: LoadedModel,
+    out: torch.Tensor,
+    probs: torch.Tensor | None,
+    top_k: int | None = None,
+    large: bool = False,
 ) -> bytes:
-    """The JSON answer, from the output tensors without a detour through Python lists."""
-    outputs = out.numpy()
-    answer: dict[str, Any] = {"model": loaded.name, "version": loaded.version, "outputs": outputs}
+    """The JSON answer, from the output tensors without a detour through Python lists; a
+    `large` one (encoded in a thread) in blocks, so it never holds the GIL for long."""
+    outputs: Any = out.numpy()
+    answer: dict[str, Any] = {
+        "model": loaded.name,
+        "version": loaded.version,
+        "outputs": json_array(outputs) if large else outputs,
+    }
     if probs is not None:
         probabilities = probs.numpy()
         predictions = probabilities.argmax(axis=1)
         answer["predictions"] = predictions
-        answer["probabilities"] = probabilities
+        answer["probabilities"] = json_array(probabilities) if large else probabilities
         if loaded.labels is not None:
             answer["labels"] = [loaded.labels[i] for i in predictions.tolist()]
         else:
@@ -261,9 +271,11 @@ async def answer(
         else:
             args = (kind, body, inputs, request.headers.get("x-shape"), loaded)
             x = await _decode_async(*args, limit) if large else _decode(*args, limit)
+        if x.shape[0] > handle.max_rows:  # the answer's size, known before the forward
+            raise handle.too_large(int(x.shape[0]), settings.MAX_RESPONSE_VALUES)
         out, probs = await handle.predict(x, settings.PREDICT_TIMEOUT_S)
         if out.numel() * (1 if probs is None else 2) > INLINE_OUTPUT_VALUES:
-            payload = await asyncio.to_thread(encode_answer, loaded, out, probs, top_k)
+            payload = await asyncio.to_thread(encode_answer, loaded, out, probs, top_k, True)
         else:
             payload = encode_answer(loaded, out, probs, top_k)
         outcome = "ok"

@@ -37,6 +37,7 @@ from service.api.v2_codec import (
 from service.errors import BNServeError, NotFound
 from service.registry import MAX_VERSION
 from service.serving.loaded import LoadedModel
+from service.serving.manager import response_too_large
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 
@@ -86,7 +87,7 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
             },
         },
     },
-    **v2_errors(400, 404, 409, 503),
+    **v2_errors(400, 404, 409, 413, 503),
 }
 
 
@@ -144,9 +145,9 @@ async def live() -> dict[str, bool]:
     response_model=ServerReadiness,
     responses={400: {"model": ServerReadiness, "description": "not ready"}},
 )
-async def ready(services: ServicesDep) -> JSONResponse:
+async def ready(services: ServicesDep, request: Request) -> JSONResponse:
     """Like /readyz, but 400 when not ready: the protocol's (and Triton's) status for false."""
-    report = await server_readiness(services)
+    report = await server_readiness(services, request)
     ok = report.status == "ready"
     return JSONResponse({"ready": ok, "models": report.models}, status_code=200 if ok else 400)
 
@@ -229,7 +230,11 @@ def _decode(body: bytes, request: Request, loaded: LoadedModel, services: Servic
 
 
 def _encode(
-    loaded: LoadedModel, decoded: Decoded, out: torch.Tensor, probs: torch.Tensor | None
+    loaded: LoadedModel,
+    decoded: Decoded,
+    out: torch.Tensor,
+    probs: torch.Tensor | None,
+    large: bool,
 ) -> tuple[bytes, int | None]:
     tensors = []
     for name, binary in decoded.outputs:
@@ -240,6 +245,7 @@ def _encode(
         model_version=loaded.version,
         request_id=decoded.id,
         tensors=tensors,
+        in_blocks=large,
     )
 
 
@@ -254,9 +260,12 @@ async def _infer(request: Request, services: Services, name: str, version: int |
         body = await request.body()
         decode = partial(_decode, body, request, loaded, services)
         decoded = decode() if len(body) <= OFFLOAD_BYTES else await asyncio.to_thread(decode)
+        n, per_sample = int(decoded.x.shape[0]), loaded.config.num_outputs() * len(decoded.outputs)
+        if n * per_sample > settings.MAX_RESPONSE_VALUES:
+            raise response_too_large(n, per_sample, settings.MAX_RESPONSE_VALUES)
         out, probs = await handle.predict(decoded.x, settings.PREDICT_TIMEOUT_S)
-        encode = partial(_encode, loaded, decoded, out, probs)
         large = out.numel() * 4 * len(decoded.outputs) > OFFLOAD_BYTES
+        encode = partial(_encode, loaded, decoded, out, probs, large)
         content, header_length = await asyncio.to_thread(encode) if large else encode()
         outcome = "ok"
     except BNServeError as exc:
