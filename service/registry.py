@@ -5,7 +5,6 @@ Blocking (SQLAlchemy sessions, file I/O): call it from a thread, never from the 
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,9 +19,8 @@ from service.checkpoints.store import CheckpointStore
 from service.db.tables import ModelRow, VersionRow, utcnow
 from service.errors import Conflict, InvalidInput, NotFound, shorten
 from service.files import disk_full_as_error
+from service.names import NAME_PATTERN
 
-# Names end up in URLs and log lines, never in paths (files are keyed by the model's id).
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 # Version numbers are 64-bit signed integers in the database; a larger one can name no version
 # (and would make the driver raise OverflowError).
 MAX_VERSION = 2**63 - 1

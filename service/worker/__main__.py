@@ -14,7 +14,7 @@ from service.worker.parent import tie_to_parent
 from service.worker.runner import Worker
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m service.worker",
         description="A training worker: claims queued jobs from BNSERVE_DATABASE_URL and runs "
@@ -27,10 +27,14 @@ def main() -> None:
         help="set by the API server that starts this worker: the read end of a pipe it holds; "
         "the worker stops when the server is gone",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.parent_fd is not None:
         tie_to_parent(args.parent_fd)  # first, so a server that dies during start-up counts
-    settings = Settings()
+    run(Settings())
+
+
+def run(settings: Settings) -> None:
+    """Claim and run jobs until SIGTERM or SIGINT (also what `bnserve worker` runs)."""
     logging.basicConfig(
         level=settings.LOG_LEVEL.upper(),
         format="%(asctime)s %(levelname)s worker %(name)s: %(message)s",

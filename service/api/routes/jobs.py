@@ -6,10 +6,12 @@ import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from models import get_architecture
 from service.api.deps import ReadAuth, Services, ServicesDep, WriteAuth
+from service.api.events import job_events
 from service.api.openapi import errors
 from service.api.schemas import JobCreate, JobPublic
 from service.datasets.reader import check_labels_for_model, check_shapes_for_model
@@ -132,6 +134,30 @@ async def list_jobs(
 @router.get("/{job_id}", dependencies=[ReadAuth], responses=errors(404))
 async def get_job(job_id: str, services: ServicesDep) -> JobPublic:
     return JobPublic.of(await asyncio.to_thread(services.jobs.get, job_id))
+
+
+@router.get(
+    "/{job_id}/events",
+    dependencies=[ReadAuth],
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "`progress` events, then one named after the outcome; see "
+            "`service.api.events`",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **errors(404),
+    },
+)
+async def job_events_stream(job_id: str, services: ServicesDep) -> StreamingResponse:
+    """Follow a job: an event per progress update and a last one named after its outcome."""
+    first = await asyncio.to_thread(services.jobs.get, job_id)
+    return StreamingResponse(
+        job_events(services.jobs, first),
+        media_type="text/event-stream",
+        # No caching, and no buffering by nginx, which would hold the events back.
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.post(

@@ -1,0 +1,73 @@
+"""A job's progress as server-sent events (`GET /v1/jobs/{id}/events`), read from its row.
+
+Workers write a running job's progress with their heartbeat (every `BNSERVE_WORKER_HEARTBEAT_S`)
+and each epoch's metrics as it ends, into the database that every API process shares; so the
+stream polls the job's row, in a thread, every `POLL_S`, and sends a `progress` event whenever
+the status, progress or number of epochs changed. The last event is named after the outcome
+(`succeeded`, `failed`, `cancelled`) and carries the whole job; then the stream ends. A job that
+disappears meanwhile (its model was deleted) ends the stream with an `error` event holding the
+contract's `{detail, code}`. Comment lines keep a quiet stream (a queued job) alive through
+proxies that close idle connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from service.api.schemas import JobPublic
+from service.db.tables import JobRow
+from service.errors import NotFound
+from service.jobs import FINAL, JobQueue
+
+# Heartbeats come every second by default: reading twice as often shows each one promptly and
+# costs one primary-key read per open stream per interval.
+POLL_S = 0.5
+# A comment line after this long without an event; proxies commonly drop idle streams at 60 s.
+KEEPALIVE_S = 15.0
+
+
+def sse(event: str, data: Any) -> bytes:
+    """One event in the text/event-stream framing (the data is a single JSON line)."""
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def _payload(job: JobPublic) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "status": job.status,
+        "progress": job.progress.model_dump(mode="json"),
+        "metrics": job.metrics[-1] if job.metrics else None,
+    }
+
+
+async def job_events(
+    jobs: JobQueue, first: JobRow, *, poll_s: float = POLL_S, keepalive_s: float = KEEPALIVE_S
+) -> AsyncIterator[bytes]:
+    """The events of the job `first` (already read, so an unknown job is a 404 before this)."""
+    row = first
+    seen: tuple[Any, ...] | None = None
+    last_sent = time.monotonic()
+    while True:
+        job = JobPublic.of(row)
+        if job.status in FINAL:
+            yield sse(job.status, {**_payload(job), "job": job.model_dump(mode="json")})
+            return
+        state = (job.status, job.progress, len(job.metrics))
+        if state != seen:
+            seen = state
+            last_sent = time.monotonic()
+            yield sse("progress", _payload(job))
+        elif time.monotonic() - last_sent >= keepalive_s:
+            last_sent = time.monotonic()
+            yield b": keep-alive\n\n"
+        await asyncio.sleep(poll_s)
+        try:
+            row = await asyncio.to_thread(jobs.get, job.id)
+        except NotFound as exc:
+            yield sse("error", {"detail": exc.detail, "code": exc.code})
+            return
