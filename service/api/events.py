@@ -2,9 +2,10 @@
 
 Workers write a running job's progress with their heartbeat (every `BNSERVE_WORKER_HEARTBEAT_S`)
 and each epoch's metrics as it ends, into the database that every API process shares; so the
-stream polls the job's row, in a thread, every `POLL_S`, and sends a `progress` event whenever
-the status, progress or number of epochs changed. The last event is named after the outcome
-(`succeeded`, `failed`, `cancelled`) and carries the whole job; then the stream ends. A job that
+stream polls the job's row, in a thread, at half the heartbeat interval (at most every 0.5 s),
+and sends a `progress` event whenever the status, progress or number of epochs changed. The
+last event is named after the outcome (`succeeded`, `failed`, `cancelled`) and carries the whole
+job; then the stream ends. A job that
 disappears meanwhile (its model was deleted) ends the stream with an `error` event holding the
 contract's `{detail, code}`. Comment lines keep a quiet stream (a queued job) alive through
 proxies that close idle connections.
@@ -25,8 +26,9 @@ from service.errors import NotFound
 from service.jobs import FINAL, JobQueue
 
 # Heartbeats come every second by default: reading twice as often shows each one promptly and
-# costs one primary-key read per open stream per interval.
-POLL_S = 0.5
+# costs one primary-key read per open stream per interval. Never more often than MIN_POLL_S.
+MAX_POLL_S = 0.5
+MIN_POLL_S = 0.05
 # A comment line after this long without an event; proxies commonly drop idle streams at 60 s.
 KEEPALIVE_S = 15.0
 
@@ -34,6 +36,11 @@ KEEPALIVE_S = 15.0
 def sse(event: str, data: Any) -> bytes:
     """One event in the text/event-stream framing (the data is a single JSON line)."""
     return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def poll_interval(heartbeat_s: float) -> float:
+    """How often a stream reads its job, for workers that write progress every `heartbeat_s`."""
+    return min(MAX_POLL_S, max(MIN_POLL_S, heartbeat_s / 2))
 
 
 def _payload(job: JobPublic) -> dict[str, Any]:
@@ -46,7 +53,7 @@ def _payload(job: JobPublic) -> dict[str, Any]:
 
 
 async def job_events(
-    jobs: JobQueue, first: JobRow, *, poll_s: float = POLL_S, keepalive_s: float = KEEPALIVE_S
+    jobs: JobQueue, first: JobRow, *, poll_s: float = MAX_POLL_S, keepalive_s: float = KEEPALIVE_S
 ) -> AsyncIterator[bytes]:
     """The events of the job `first` (already read, so an unknown job is a 404 before this)."""
     row = first

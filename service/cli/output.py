@@ -21,9 +21,13 @@ from service.api.schemas import (
 )
 from service.client import APIError
 
+# Tables printed to a pipe or file (no terminal width to fit) may be this wide, so ids stay whole.
+PIPE_WIDTH = 200
+
 
 def console() -> Console:
-    return Console(highlight=False)
+    out = Console(highlight=False)
+    return out if out.is_terminal else Console(highlight=False, width=PIPE_WIDTH)
 
 
 def errors_console() -> Console:
@@ -52,7 +56,9 @@ def print_error(error: APIError) -> None:
 def _table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
     table = Table(title=title, title_justify="left")
     for name in columns:
-        table.add_column(name, overflow="fold")
+        # Ids and times stay whole; in a narrow terminal the other columns wrap first.
+        whole = name in ("id", "created", "name")
+        table.add_column(name, overflow="fold", no_wrap=whole)
     for row in rows:
         table.add_row(*("-" if cell is None else str(cell) for cell in row))
     return table

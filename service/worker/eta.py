@@ -1,8 +1,10 @@
 """A job's estimated time to completion, from the time its steps have taken so far.
 
-Measured per attempt: a resumed job counts only the steps it ran itself, so the epochs it took
-from its saved state do not make it look faster than it is. The elapsed time includes each epoch's
-validation pass and state save, which the remaining epochs will pay too.
+Timed from the end of this attempt's first step: that step carries one-time costs (PyTorch's
+lazy initialisation, the first backward pass: seconds on a loaded machine, against milliseconds
+for the steps after it) that would otherwise inflate every estimate. A resumed job counts only
+the steps it ran itself. The elapsed time includes each epoch's validation pass and state save,
+which the remaining epochs will pay too.
 """
 
 from __future__ import annotations
@@ -15,18 +17,18 @@ class StepClock:
 
     def __init__(self, epochs: int) -> None:
         self.epochs = max(1, epochs)
-        self._started = time.monotonic()
-        self._first: int | None = None
+        self._first: tuple[int, float] | None = None
 
     def eta_s(self, epoch: int, step: int, steps: int) -> float | None:
-        """Seconds until the last step of the last epoch, or None before any step has a time."""
+        """Seconds until the last step of the last epoch; None until two steps have run."""
         done = (epoch - 1) * steps + step
+        now = time.monotonic()
         if self._first is None:
-            # Steps before this attempt's first one were not timed here (a resumed job).
-            self._first = done - 1
-        timed = done - self._first
-        if timed <= 0 or steps <= 0:
+            self._first = (done, now)
             return None
-        per_step = (time.monotonic() - self._started) / timed
+        timed = done - self._first[0]
+        if timed <= 0:
+            return None
+        per_step = (now - self._first[1]) / timed
         left = max(0, self.epochs * steps - done)
         return round(per_step * left, 1)

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from models import get_architecture
 from service.api.deps import ReadAuth, Services, ServicesDep, WriteAuth
-from service.api.events import job_events
+from service.api.events import job_events, poll_interval
 from service.api.openapi import errors
 from service.api.schemas import JobCreate, JobPublic
 from service.datasets.reader import check_labels_for_model, check_shapes_for_model
@@ -153,7 +153,9 @@ async def job_events_stream(job_id: str, services: ServicesDep) -> StreamingResp
     """Follow a job: an event per progress update and a last one named after its outcome."""
     first = await asyncio.to_thread(services.jobs.get, job_id)
     return StreamingResponse(
-        job_events(services.jobs, first),
+        job_events(
+            services.jobs, first, poll_s=poll_interval(services.settings.WORKER_HEARTBEAT_S)
+        ),
         media_type="text/event-stream",
         # No caching, and no buffering by nginx, which would hold the events back.
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
