@@ -5,10 +5,9 @@ and each epoch's metrics as it ends, into the database that every API process sh
 stream polls the job's row, in a thread, at half the heartbeat interval (at most every 0.5 s),
 and sends a `progress` event whenever the status, progress or number of epochs changed. The
 last event is named after the outcome (`succeeded`, `failed`, `cancelled`) and carries the whole
-job; then the stream ends. A job that
-disappears meanwhile (its model was deleted) ends the stream with an `error` event holding the
-contract's `{detail, code}`. Comment lines keep a quiet stream (a queued job) alive through
-proxies that close idle connections.
+job; then the stream ends. A job that disappears meanwhile (its model was deleted) ends the
+stream with an `error` event holding the contract's `{detail, code}`. Comment lines keep a quiet
+stream (a queued job) alive through proxies that close idle connections.
 """
 
 from __future__ import annotations
