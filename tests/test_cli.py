@@ -183,6 +183,9 @@ def test_python_m_service_help_starts_nothing_and_unknown_arguments_are_refused(
     serve_help = CliRunner().invoke(cli, ["serve", "--help"])
     assert serve_help.exit_code == 0
     assert "--api-workers" in serve_help.stdout
+    worker_help = CliRunner().invoke(cli, ["worker", "--help"])
+    assert worker_help.exit_code == 0
+    assert "BNSERVE_WORKER_THREADS" in worker_help.stdout
 
 
 def test_python_m_service_serves_with_its_options(tmp_path: Path):
@@ -212,3 +215,21 @@ def test_python_m_service_serves_with_its_options(tmp_path: Path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_follow_exits_with_job_failed(run, settings, tmp_path: Path):
+    _ok(run("create", "blobs", "mlp_bn"))
+    x, y = blobs(64)
+    (tmp_path / "b.npz").write_bytes(npz_bytes(x=x, y=y))
+    dataset = json.loads(_ok(run("datasets", "upload", str(tmp_path / "b.npz"), "--json")))
+    job_id = _ok(run("train", "blobs", dataset["id"], "--epochs", "1", "--lr", "0.1", "--detach"))
+    # The dataset's file goes missing under the queued job: the worker can only fail it.
+    for stored in settings.dataset_dir.glob(f"{dataset['sha256']}.*"):
+        stored.unlink()
+    worker = WorkerThread(settings).start()
+    try:
+        result = run("follow", job_id.strip())
+    finally:
+        worker.stop()
+    assert result.exit_code == exits.JOB_FAILED, result.output
+    assert f"job {job_id.strip()} failed: " in result.stderr
