@@ -26,6 +26,7 @@ from service.api.schemas import (
     Readiness,
     VersionPublic,
 )
+from service.client.errors import APIError
 
 T = TypeVar("T")
 
@@ -62,8 +63,6 @@ class Call(Generic[T]):
         }
 
     def result(self, response: httpx.Response) -> T:
-        from service.client.errors import APIError
-
         if response.is_error and response.status_code not in self.accept:
             raise APIError.of(response)
         return self.parse(response)

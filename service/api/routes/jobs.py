@@ -21,6 +21,21 @@ from service.training.trainer import TrainParams, validate_trainable
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
+# One server-sent event of `GET /v1/jobs/{id}/events` (each event is checked against this).
+EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"enum": ["progress", "succeeded", "failed", "cancelled", "error"]},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": '{"id", "status", "progress", "metrics"} (the latest epoch\'s), plus '
+            '"job" (the whole job) on the last event; `error`: {"detail", "code"}',
+        },
+    },
+}
+
 
 def _validated_params(body: JobCreate, num_samples: int) -> dict[str, Any]:
     if body.kind == "recalibrate_bn":
@@ -144,7 +159,7 @@ async def get_job(job_id: str, services: ServicesDep) -> JobPublic:
         200: {
             "description": "`progress` events, then one named after the outcome; see "
             "`service.api.events`",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": EVENT_SCHEMA}},
         },
         **errors(404),
     },
