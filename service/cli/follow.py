@@ -53,8 +53,12 @@ def follow(client: Client, job_id: str, out: Console) -> JobPublic:
             else:
                 progress.update(bar, description=event.status)
             metrics = event.metrics
-            if metrics is not None and int(metrics.get("epoch", 0)) > logged:
+            epoch = int(metrics.get("epoch", 0)) if metrics is not None else 0
+            if metrics is not None and epoch == logged + 1:
                 logged = _log_epochs(progress.console, [metrics], logged)
+            elif epoch > logged + 1:
+                # Epochs shorter than the server's poll share an event: read them all once.
+                logged = _log_epochs(progress.console, client.job(job_id).metrics, logged)
     # The stream ended without an outcome (a proxy cut it): carry on from the job as it is.
     return client.wait_job(job_id)
 
