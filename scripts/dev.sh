@@ -9,7 +9,9 @@
 # PyTorch comes first and pinned (TORCH_SPEC, default torch==2.13.0): the project's range would
 # otherwise let pip fetch a multi-GB CUDA build. TORCH_INDEX_URL, when set, is the index PyTorch
 # alone comes from (the Dockerfile's CPU or CUDA wheels). VENV picks the environment's folder.
-# Extra arguments go to uvicorn's server / pytest.
+# Extra arguments go to `python -m service` (the same options as `bnserve serve`: --port,
+# --workers, ...; --help lists them) / pytest / the bench.
+# Set-up prints one line per step on stderr; pip's own output only when a step fails.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -29,9 +31,27 @@ find_python() {
     echo python3
 }
 
+step() {
+    echo "==> $*" >&2
+}
+
+# Run a quiet pip step; on failure show what pip said (kept in a log while it runs).
+pip_step() {
+    local log
+    log="$(mktemp)"
+    if ! "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        echo "==> failed: pip install $*" >&2
+        exit 1
+    fi
+    rm -f "$log"
+}
+
 setup() {
     local extras="$1"
     if [ ! -x "$VENV/bin/python" ]; then
+        step "creating the virtual environment $VENV"
         "$(find_python)" -m venv "$VENV"
     fi
     # Reinstall only when what we install changed.
@@ -43,10 +63,14 @@ setup() {
         if [ -n "${TORCH_INDEX_URL:-}" ]; then
             torch_index=(--index-url "$TORCH_INDEX_URL")
         fi
-        "$VENV/bin/python" -m pip install --quiet --upgrade pip
-        "$VENV/bin/python" -m pip install --quiet ${torch_index[@]+"${torch_index[@]}"} "$TORCH_SPEC"
-        "$VENV/bin/python" -m pip install --quiet -e ".$extras"
+        step "upgrading pip"
+        pip_step --upgrade pip
+        step "installing PyTorch ($TORCH_SPEC; the first time takes a minute or two)"
+        pip_step ${torch_index[@]+"${torch_index[@]}"} "$TORCH_SPEC"
+        step "installing bnserve$extras and its dependencies"
+        pip_step -e ".$extras"
         echo "$want" > "$stamp"
+        step "installed; $VENV/bin/bnserve --help lists the commands"
     fi
 }
 
@@ -55,10 +79,12 @@ shift || true
 case "$command" in
     serve)
         setup "[postgres]"
+        step "starting the server: python -m service $*"
         exec "$VENV/bin/python" -m service "$@"
         ;;
     test)
         setup "[dev]"
+        step "ruff, mypy, then pytest"
         "$VENV/bin/ruff" check service models tests bench
         "$VENV/bin/ruff" format --check service models tests bench
         "$VENV/bin/mypy"

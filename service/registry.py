@@ -5,7 +5,6 @@ Blocking (SQLAlchemy sessions, file I/O): call it from a thread, never from the 
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,10 +22,9 @@ from service.db.tables import ModelRow, VersionRow, utcnow
 from service.errors import BNServeError, Conflict, InvalidInput, ModelReplaced, NotFound, shorten
 from service.files import disk_full_as_error
 from service.jobs import end_jobs_of_deleted_model
-from service.preprocess.image import Preprocess
+from service.names import NAME_PATTERN
+from service.preprocess.pipeline import Preprocess
 
-# Names end up in URLs and log lines, never in paths (files are keyed by the model's id).
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 # Version numbers are 64-bit signed integers in the database; a larger one can name no version
 # (and would make the driver raise OverflowError).
 MAX_VERSION = 2**63 - 1

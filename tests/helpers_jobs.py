@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy.typing as npt
 import torch
 from safetensors.torch import save as safetensors_save
 
+from service.settings import Settings
 from tests.conftest import AUTH, REPO, TOKEN
 
 T = TypeVar("T")
@@ -216,3 +218,30 @@ def worker_children(pid: int) -> list[int]:
         if b"service.worker" in cmdline:
             workers.append(child)
     return workers
+
+
+class WorkerThread:
+    """A real training `Worker` in a thread of the test process: jobs run with no second process.
+
+    It shares the server's data dir and database (the settings of the `server` fixture). PyTorch
+    runs on one intra-op thread meanwhile, as `python -m service.worker` does here with
+    FAST_WORKER_ENV: two threads made a tiny MLP's step 30x slower on the loaded 2-core machine.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        from service.worker.runner import Worker
+
+        fast = settings.model_copy(update={"WORKER_POLL_S": 0.1, "WORKER_HEARTBEAT_S": 0.1})
+        self.worker = Worker(fast)
+        self.thread = threading.Thread(target=self.worker.run_forever, daemon=True)
+        self._threads = torch.get_num_threads()
+
+    def start(self) -> WorkerThread:
+        torch.set_num_threads(1)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.worker.shutdown.set()
+        self.thread.join(timeout=30)
+        torch.set_num_threads(self._threads)

@@ -64,6 +64,7 @@ class Targets:
         x, y = blobs(40)
         self.dataset = dataset_id(self.client, x, y, "fuzz-blobs")
         self.job = ""
+        self.ended_job = ""
         self.restore()
         job = {"model": MODEL, "dataset": self.dataset, "kind": "train", "base_version": None}
         train = {"epochs": 1, "lr": 0.1, "batch_size": 8, "optimizer": "sgd", "promote": "never"}
@@ -91,11 +92,19 @@ class Targets:
         r = self.client.post("/v1/jobs", json=job, headers=AUTH)
         assert r.status_code == 202, r.text
         self.job = r.json()["id"]
+        # The events of a job that has ended: one event, then the stream ends (a queued job's
+        # stream stays open as long as it waits, and no worker runs here).
+        r = self.client.post("/v1/jobs", json=job, headers=AUTH)
+        assert r.status_code == 202, r.text
+        self.ended_job = r.json()["id"]
+        r = self.client.post(f"/v1/jobs/{self.ended_job}/cancel", headers=AUTH)
+        assert r.status_code == 202, r.text
 
     def real_values(self, case: Any) -> dict[str, dict[str, Any]]:
         """What to lay over each of the case's containers to make it reach real objects."""
-        ids = {"name": MODEL, "version": 1, "dataset_id": self.dataset, "job_id": self.job}
         path = case.operation.path
+        job = self.ended_job if path == "/v1/jobs/{job_id}/events" else self.job
+        ids = {"name": MODEL, "version": 1, "dataset_id": self.dataset, "job_id": job}
         return {
             "path_parameters": {k: ids[k] for k in case.path_parameters or {} if k in ids},
             "query": self.query.get(path, {}),

@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from service.preprocess.image import ImagePipeline
+from service.preprocess.image import to_tensor
+from service.preprocess.pipeline import ImagePipeline
 from tests.conftest import AUTH, pt_bytes, reference_model, trained_state_dict, upload
 from tests.helpers_api import assert_error
 
@@ -99,7 +100,7 @@ def test_the_pipeline_gives_torchvisions_tensor(
     pipeline: dict[str, Any], size: tuple[int, int], mode: str
 ) -> None:
     image = _picture(size, mode)
-    got = ImagePipeline.model_validate(pipeline)(image)
+    got = to_tensor(ImagePipeline.model_validate(pipeline), image)
     want = _expected(image, pipeline)
     assert got.shape == want.shape
     assert got.dtype == torch.float32

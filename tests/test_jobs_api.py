@@ -162,7 +162,7 @@ def test_valid_job_is_queued(idle, setup):
     assert job["status"] == "queued"
     assert job["model"] == "m"
     assert job["dataset"] == setup["good"]
-    assert job["progress"] == {"epoch": 0, "epochs": EPOCHS, "step": 0, "steps": 0}
+    assert job["progress"] == {"epoch": 0, "epochs": EPOCHS, "step": 0, "steps": 0, "eta_s": None}
     assert job["metrics"] == []
     assert job["result_version"] is None
     assert job["promote"] == "if_better"
@@ -267,7 +267,14 @@ def test_training_job_reaches_accuracy_and_records_progress_and_lineage(sc):
     final_accuracy = job["metrics"][-1]["val_accuracy"]
     assert final_accuracy >= 0.9, job["metrics"]
     assert job["metrics"][-1]["train_loss"] < job["metrics"][0]["train_loss"]
-    assert job["progress"] == {"epoch": EPOCHS, "epochs": EPOCHS, "step": STEPS, "steps": STEPS}
+    # The ETA counts down to 0 at the last step (timed from the first: never null by then).
+    assert job["progress"] == {
+        "epoch": EPOCHS,
+        "epochs": EPOCHS,
+        "step": STEPS,
+        "steps": STEPS,
+        "eta_s": 0.0,
+    }
     assert job["result_version"] == 2
     assert job["promoted"] is True
     assert job["attempts"] == 1

@@ -1,15 +1,18 @@
-"""Request and response bodies of the HTTP contract (shared/API.md)."""
+"""Request and response bodies of the HTTP contract (shared/API.md), for server and client."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.db.tables import DatasetRow, JobRow, ModelRow, VersionRow
-from service.preprocess.image import Preprocess
-from service.registry import NAME_PATTERN
+from service.names import NAME_PATTERN
+from service.preprocess.pipeline import Preprocess
+
+if TYPE_CHECKING:
+    # Only for the `of` constructors: the client imports these models without the database.
+    from service.db.tables import DatasetRow, JobRow, ModelRow, VersionRow
 
 
 class ErrorBody(BaseModel):
@@ -226,6 +229,11 @@ class JobProgress(BaseModel):
     epochs: int = 0
     step: int = 0
     steps: int = 0
+    eta_s: float | None = Field(
+        default=None,
+        description="seconds until the last step, from this attempt's time per step so far "
+        "(null before the first step)",
+    )
 
 
 class JobSummary(BaseModel):

@@ -20,7 +20,8 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.preprocess.image import ImagePipeline
+from service.preprocess.image import to_tensor
+from service.preprocess.pipeline import ImagePipeline
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 MEDIA_TYPES = {"image/png", "image/jpeg", "image/webp"}
@@ -129,7 +130,7 @@ def decode_images(
     samples = []
     for i, blob in enumerate(blobs):
         what = "the image" if len(blobs) == 1 else f"image {i}"
-        sample = pipeline(open_image(blob, max_pixels=max_pixels, what=what))
+        sample = to_tensor(pipeline, open_image(blob, max_pixels=max_pixels, what=what))
         if tuple(sample.shape) != tuple(input_shape):
             raise InvalidInput(
                 f"{what} gives {list(sample.shape)} after the model's pipeline but the "

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from models import ArchConfig, Architecture
-from service.preprocess.image import ImagePipeline, Preprocess
+from service.preprocess.pipeline import ImagePipeline, Preprocess
 from service.serving.gate import run_gate
 from service.serving.optimize import OptimizationReport, OptimizeOptions, optimize
 

@@ -10,12 +10,13 @@ import torch
 
 from service import logs
 from service.serving.allocator import tune_allocator
+from service.settings import Settings
 from service.startup import StartupError, exit_on_startup_error, load_settings, preflight
 from service.worker.parent import tie_to_parent
 from service.worker.runner import Worker
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m service.worker",
         description="A training worker: claims queued jobs from BNSERVE_DATABASE_URL and runs "
@@ -28,11 +29,19 @@ def main() -> None:
         help="set by the API server that starts this worker: the read end of a pipe it holds; "
         "the worker stops when the server is gone",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.parent_fd is not None:
         tie_to_parent(args.parent_fd)  # first, so a server that dies during start-up counts
     try:
         settings = load_settings()
+    except StartupError as exc:
+        exit_on_startup_error(exc)
+    run(settings)
+
+
+def run(settings: Settings) -> None:
+    """Claim and run jobs until SIGTERM or SIGINT (also what `bnserve worker` runs)."""
+    try:
         preflight(settings)  # before the worker migrates or writes anything
     except StartupError as exc:
         exit_on_startup_error(exc)

@@ -30,6 +30,7 @@ from service.serving.precision import current_precision
 from service.training.recalibration import recalibrate_bn
 from service.training.state import TrainState
 from service.training.trainer import EpochMetrics, TrainParams, compare, evaluate, train
+from service.worker.eta import StepClock
 from service.worker.resume import ResumeStore
 
 log = logging.getLogger(__name__)
@@ -156,8 +157,13 @@ def run_job(
     data = datasets.load(dataset_row)
     epochs = int(job.params.get("epochs") or 1)
 
+    clock = StepClock(epochs)
+
     def on_step(epoch: int, step: int, steps: int) -> None:
-        hooks.on_progress({"epoch": epoch, "epochs": epochs, "step": step, "steps": steps})
+        eta_s = clock.eta_s(epoch, step, steps)
+        hooks.on_progress(
+            {"epoch": epoch, "epochs": epochs, "step": step, "steps": steps, "eta_s": eta_s}
+        )
 
     lineage: dict[str, Any] = {
         "job_id": job.id,

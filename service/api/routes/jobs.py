@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from models import get_architecture
 from service.api.deps import ReadAuth, Services, ServicesDep, WriteAuth
+from service.api.events import job_events, poll_interval
 from service.api.openapi import errors
 from service.api.schemas import JobCreate, JobPublic, JobSummary
 from service.architectures import check_architecture
@@ -18,6 +20,21 @@ from service.errors import InvalidInput, NotServing
 from service.training.trainer import TrainParams, validate_trainable
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+# One server-sent event of `GET /v1/jobs/{id}/events` (each event is checked against this).
+EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"enum": ["progress", "succeeded", "failed", "cancelled", "error"]},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": '{"id", "status", "progress", "metrics"} (the latest epoch\'s), plus '
+            '"job" (the whole job) on the last event; `error`: {"detail", "code"}',
+        },
+    },
+}
 
 
 def _validated_params(body: JobCreate, num_samples: int) -> dict[str, Any]:
@@ -135,6 +152,34 @@ async def list_jobs(
 @router.get("/{job_id}", dependencies=[ReadAuth], responses=errors(404))
 async def get_job(job_id: str, services: ServicesDep) -> JobPublic:
     return JobPublic.of(await services.db.run(services.jobs.get, job_id))
+
+
+@router.get(
+    "/{job_id}/events",
+    dependencies=[ReadAuth],
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "`progress` events, then one named after the outcome; see "
+            "`service.api.events`",
+            "content": {"text/event-stream": {"schema": EVENT_SCHEMA}},
+        },
+        **errors(404),
+    },
+)
+async def job_events_stream(job_id: str, services: ServicesDep) -> StreamingResponse:
+    """Follow a job: an event per progress update and a last one named after its outcome."""
+    first = await services.db.run(services.jobs.get, job_id)
+    return StreamingResponse(
+        job_events(
+            lambda job_id: services.db.run(services.jobs.get, job_id),
+            first,
+            poll_s=poll_interval(services.settings.WORKER_HEARTBEAT_S),
+        ),
+        media_type="text/event-stream",
+        # No caching, and no buffering by nginx, which would hold the events back.
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.post(
