@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+from functools import partial
+
+from prometheus_client.multiprocess import mark_process_dead
 
 from service.api.server import serve, server_config
 from service.app import configure_logging, create_app
 from service.db.engine import make_engine, make_sessionmaker, migrate
 from service.jobs import JobQueue
+from service.metrics import prepare_multiprocess_dir
 from service.settings import Settings
 from service.worker.supervisor import supervised_workers
 
@@ -25,11 +29,13 @@ def main() -> None:
     migrate(engine, settings.DATA_DIR)
     os.environ["BNSERVE_WORKERS"] = "0"
     with supervised_workers(settings, JobQueue(make_sessionmaker(engine))):
-        serve(
-            server_config(
-                settings, "service.app:create_app", factory=True, workers=settings.API_WORKERS
-            )
+        # Read by prometheus-client as each API process imports it; training workers write no
+        # metric files (their metrics are read from the job rows).
+        prepare_multiprocess_dir(settings.metrics_dir)
+        config = server_config(
+            settings, "service.app:create_app", factory=True, workers=settings.API_WORKERS
         )
+        serve(config, on_child_exit=partial(mark_process_dead, path=str(settings.metrics_dir)))
     engine.dispose()
 
 

@@ -24,8 +24,10 @@ from service.datasets.store import DatasetStore
 from service.db.engine import make_engine, make_sessionmaker, migrate
 from service.demo import seed_demo
 from service.files import Owner
+from service.job_metrics import JobMetrics
 from service.jobs import JobQueue
-from service.metrics import Metrics
+from service.loops import PeriodicLoop
+from service.metrics import Metrics, multiprocess_dir
 from service.registry import Registry
 from service.serving.device import resolve_device
 from service.serving.manager import ModelManager
@@ -34,6 +36,8 @@ from service.worker.resume import ResumeStore
 from service.worker.supervisor import WorkerSupervisor
 
 log = logging.getLogger(__name__)
+
+QUEUED_GAUGE_INTERVAL_S = 1.0
 
 
 def build_services(settings: Settings) -> Services:
@@ -58,15 +62,12 @@ def build_services(settings: Settings) -> Services:
         seed_demo(settings, registry, datasets, jobs, owner)
     device = resolve_device(settings.DEVICE)
     log.info("serving on %s", device)
-    metrics = Metrics()
+    metrics = Metrics(multiprocess_dir(settings))
+    metrics.add_scrape_collector(JobMetrics(jobs))
     manager = ModelManager(settings, registry, device)
-    manager.on_batch = lambda name, size: metrics.batch_size.labels(name).observe(size)
-
-    def on_swap(name: str, version: int) -> None:
-        metrics.serving_version.labels(name).set(version)
-        metrics.swaps.labels(name).inc()
-
-    manager.on_swap = on_swap
+    manager.on_batch = metrics.batch_done
+    manager.on_swap = metrics.swapped
+    manager.on_loaded = metrics.loaded_changed
     return Services(
         settings=settings,
         registry=registry,
@@ -81,6 +82,21 @@ def build_services(settings: Settings) -> Services:
     )
 
 
+def queued_gauge_loop(services: Services) -> PeriodicLoop | None:
+    """In multiprocess mode the scraped process cannot see the others' queues: each process
+    writes its own queue length every second (the one process of single mode does it at scrape)."""
+    if not services.metrics.multiprocess:
+        return None
+    metrics, admission = services.metrics, services.manager.admission
+
+    async def refresh() -> None:
+        metrics.queued.set(admission.queued)
+
+    loop = PeriodicLoop("queued-samples gauge", QUEUED_GAUGE_INTERVAL_S, refresh)
+    loop.start()
+    return loop
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -89,9 +105,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await services.manager.start()
     supervisor = WorkerSupervisor(settings, services.jobs)
     await supervisor.start()
+    gauges = queued_gauge_loop(services)
     try:
         yield
     finally:
+        if gauges is not None:
+            await gauges.stop()
         await supervisor.stop()
         await services.manager.stop()
         services.upload_executor.shutdown(wait=False, cancel_futures=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from socket import socket
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -76,12 +77,52 @@ def server_config(
     return ServerConfig(app, header_timeout_s=settings.HEADER_TIMEOUT_S, **options)
 
 
-def serve(config: ServerConfig) -> None:
-    """Run the server until it is stopped (what `uvicorn.run` does, for a Config built here)."""
+class ReapingMultiprocess(Multiprocess):
+    """uvicorn's process manager, telling `on_exit` the pid of each API process that is gone.
+
+    uvicorn replaces a dead child (and SIGHUP/SIGTTOU retire some) without a hook; the metrics'
+    multiprocess mode must then drop the gone process's live gauges (`mark_process_dead`).
+    """
+
+    def __init__(
+        self, config: uvicorn.Config, sockets: list[socket], on_exit: Callable[[int], None]
+    ) -> None:
+        super().__init__(config, sockets)
+        self._on_exit = on_exit
+        self._known: set[int] = set()
+
+    def _reap(self) -> None:
+        alive = {p.pid for p in self.processes if p.pid is not None}
+        for pid in self._known - alive:
+            self._on_exit(pid)
+        self._known = alive
+
+    def init_processes(self) -> None:
+        super().init_processes()
+        self._reap()
+
+    def handle_signals(self) -> None:
+        super().handle_signals()
+        self._reap()
+
+    def keep_subprocess_alive(self) -> None:
+        super().keep_subprocess_alive()
+        self._reap()
+
+
+def serve(config: ServerConfig, on_child_exit: Callable[[int], None] | None = None) -> None:
+    """Run the server until it is stopped (what `uvicorn.run` does, for a Config built here).
+
+    With several workers, `on_child_exit(pid)` is called for each API process that ended.
+    """
     server = uvicorn.Server(config)
     try:
         if config.workers > 1:
-            Multiprocess(config, sockets=[config.bind_socket()]).run()
+            sockets = [config.bind_socket()]
+            if on_child_exit is None:
+                Multiprocess(config, sockets=sockets).run()
+            else:
+                ReapingMultiprocess(config, sockets, on_child_exit).run()
         else:
             server.run()
     except KeyboardInterrupt:

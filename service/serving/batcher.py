@@ -18,8 +18,9 @@ not the batch's.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -53,6 +54,20 @@ class _Item:
     x: torch.Tensor
     n: int
     future: asyncio.Future[torch.Tensor]
+    queued_at: float
+
+
+# What a pass reports, once per batch (the metrics): samples, each request's wait, forward seconds.
+BatchReport = Callable[[int, Sequence[float], float], None]
+
+
+def _timed(
+    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """A forward pass and its duration, timed on the forward thread (no loop hops counted)."""
+    started = time.perf_counter()
+    out = forward(x)
+    return out, time.perf_counter() - started
 
 
 class Batcher:
@@ -63,7 +78,7 @@ class Batcher:
         max_batch: int,
         executor: Executor,
         admission: Admission,
-        on_batch: Callable[[int], None] | None = None,
+        on_batch: BatchReport | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -88,7 +103,7 @@ class Batcher:
         self.in_flight += 1
         try:
             future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-            self._pending.append(_Item(x, n, future))
+            self._pending.append(_Item(x, n, future, time.perf_counter()))
             if not self._busy:
                 self._start_next()
             return await future
@@ -121,12 +136,19 @@ class Batcher:
             self._busy = False
             return
         self._busy = True
+        started = time.perf_counter()
         x = batch[0].x if len(batch) == 1 else torch.cat([item.x for item in batch])
         loop = asyncio.get_running_loop()
-        done = loop.run_in_executor(self._executor, self._forward, x)
-        done.add_done_callback(lambda f: self._finish(batch, size, f))
+        done = loop.run_in_executor(self._executor, _timed, self._forward, x)
+        done.add_done_callback(lambda f: self._finish(batch, size, started, f))
 
-    def _finish(self, batch: list[_Item], size: int, done: asyncio.Future[torch.Tensor]) -> None:
+    def _finish(
+        self,
+        batch: list[_Item],
+        size: int,
+        started: float,
+        done: asyncio.Future[tuple[torch.Tensor, float]],
+    ) -> None:
         if done.cancelled():
             error: BaseException | None = asyncio.CancelledError()
         else:
@@ -136,14 +158,14 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(error)
         else:
-            out = done.result()
+            out, seconds = done.result()
             offset = 0
             for item in batch:
                 if not item.future.done():
                     item.future.set_result(out[offset : offset + item.n])
                 offset += item.n
             if self._on_batch is not None:
-                self._on_batch(size)
+                self._on_batch(size, [started - item.queued_at for item in batch], seconds)
         if self._closed:
             self._busy = False
             return
