@@ -264,6 +264,7 @@ def test_training_job_reaches_accuracy_and_records_progress_and_lineage(sc):
     assert [m["epoch"] for m in job["metrics"]] == list(range(1, EPOCHS + 1))
     for m in job["metrics"]:
         assert {"train_loss", "val_loss", "val_accuracy"} <= m.keys()
+        assert m["duration_s"] > 0  # the metrics' epoch-duration histogram reads it
     final_accuracy = job["metrics"][-1]["val_accuracy"]
     assert final_accuracy >= 0.9, job["metrics"]
     assert job["metrics"][-1]["train_loss"] < job["metrics"][0]["train_loss"]
