@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from functools import partial
 
 from prometheus_client.multiprocess import mark_process_dead
@@ -31,11 +32,14 @@ def main() -> None:
     with supervised_workers(settings, JobQueue(make_sessionmaker(engine))):
         # Read by prometheus-client as each API process imports it; training workers write no
         # metric files (their metrics are read from the job rows).
-        prepare_multiprocess_dir(settings.metrics_dir)
+        metrics_dir = prepare_multiprocess_dir(settings.metrics_dir)
         config = server_config(
             settings, "service.app:create_app", factory=True, workers=settings.API_WORKERS
         )
-        serve(config, on_child_exit=partial(mark_process_dead, path=str(settings.metrics_dir)))
+        try:
+            serve(config, on_child_exit=partial(mark_process_dead, path=str(metrics_dir)))
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     engine.dispose()
 
 

@@ -2,11 +2,12 @@
 
 One API process (and the in-process apps of the tests) keeps its metrics in memory, on a registry
 of its own, so several apps can live in one process. With BNSERVE_API_WORKERS > 1 a scrape lands
-on one process out of several, so each writes its values to mmap files in `Settings.metrics_dir`
-(prometheus-client's multiprocess mode, chosen when the library is first imported, hence the
-environment variable that `python -m service` sets before it starts the API processes) and the
-scraped process merges every process's files. Gauges say how they merge (`multiprocess_mode`):
-per live process (`liveall`, with a `pid` label) or summed over live processes (`livesum`).
+on one process out of several, so each writes its values to mmap files in its server's folder
+under `Settings.metrics_dir` (prometheus-client's multiprocess mode, chosen when the library is
+first imported, hence the environment variable that `python -m service` sets before it starts
+the API processes) and the scraped process merges every process's files. Gauges say how they
+merge (`multiprocess_mode`): per live process (`liveall`, with a `pid` label) or summed over live
+processes (`livesum`).
 
 Label sets cannot be removed from those files, so in multiprocess mode a gauge is "removed" by
 setting it to NaN, and the scrape drops NaN gauge samples.
@@ -22,6 +23,8 @@ import bisect
 import collections
 import math
 import os
+import shutil
+import socket
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,19 +70,39 @@ def multiprocess_dir(settings: Settings) -> Path | None:
     Multiprocess mode needs both several API processes and the library switched to it at import;
     an app built in-process with API_WORKERS > 1 (a test) keeps its own registry.
     """
-    path = settings.metrics_dir
-    if settings.API_WORKERS > 1 and os.environ.get(MULTIPROC_ENV) == str(path):
-        return path
+    named = os.environ.get(MULTIPROC_ENV)
+    if settings.API_WORKERS > 1 and named and Path(named).parent == settings.metrics_dir:
+        return Path(named)
     return None
 
 
-def prepare_multiprocess_dir(path: Path) -> None:
-    """Empty the folder (files of a previous run's processes would be merged in) and point
-    prometheus-client at it, for the API processes about to be started."""
-    path.mkdir(parents=True, exist_ok=True)
-    for stale in path.glob("*.db"):
-        stale.unlink()
+def prepare_multiprocess_dir(root: Path) -> Path:
+    """A fresh folder under `root` for the API processes about to be started, set for
+    prometheus-client in the environment they inherit.
+
+    One per server (host name and pid): replicas share the data dir, and one must neither empty
+    nor merge another's files. Folders of servers on this host that are gone are removed.
+    """
+    host = socket.gethostname()
+    root.mkdir(parents=True, exist_ok=True)
+    for folder in root.glob(f"{host}-*"):
+        pid = folder.name.rpartition("-")[2]
+        if not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+    path = root / f"{host}-{os.getpid()}"
+    path.mkdir()
     os.environ[MULTIPROC_ENV] = str(path)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def observe_all(histogram: Histogram, values: Sequence[float]) -> None:

@@ -164,7 +164,7 @@ class Settings(BaseSettings):
 
     @property
     def metrics_dir(self) -> Path:
-        """The API processes' metric files when BNSERVE_API_WORKERS > 1 (emptied at each start)."""
+        """The API processes' metric files when BNSERVE_API_WORKERS > 1, a folder per server."""
         return self.DATA_DIR / "metrics"
 
     @property

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +19,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.jobs import JobQueue
-from service.metrics import STAGE_BUCKETS, observe_all
+from service.metrics import MULTIPROC_ENV, STAGE_BUCKETS, observe_all, prepare_multiprocess_dir
 from tests.conftest import AUTH, ThreadServer, create_model, pt_bytes, trained_state_dict, upload
 from tests.helpers_jobs import blobs, dataset_id, start_job
 
@@ -58,6 +60,32 @@ def test_observe_all_gives_the_samples_of_one_observe_each() -> None:
         text = generate_latest(registry).decode()
         texts.append([line for line in text.splitlines() if "_created" not in line])
     assert texts[0] == texts[1]
+
+
+def test_each_server_gets_a_fresh_folder_and_dead_servers_folders_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replicas share the data dir: one server must neither empty nor merge another's files."""
+    monkeypatch.setenv(MULTIPROC_ENV, "")  # restored after the test
+    root, host = tmp_path / "metrics", socket.gethostname()
+    dead_pid = subprocess.Popen(["true"])
+    dead_pid.wait()
+    folders = {
+        "dead": root / f"{host}-{dead_pid.pid}",
+        "live": root / f"{host}-{os.getppid()}",
+        "other host": root / f"not-{host}-{dead_pid.pid}",
+        "ours, from a previous run": root / f"{host}-{os.getpid()}",
+    }
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+        (folder / "counter_1.db").write_bytes(b"")
+    path = prepare_multiprocess_dir(root)
+    assert path == folders["ours, from a previous run"]
+    assert list(path.iterdir()) == []
+    assert os.environ[MULTIPROC_ENV] == str(path)
+    assert not folders["dead"].exists()
+    assert folders["live"].exists()
+    assert folders["other host"].exists()
 
 
 def test_queue_wait_compute_and_loaded_versions_after_traffic(settings) -> None:
@@ -198,7 +226,9 @@ def test_metrics_add_up_over_two_api_processes(spawn, tmp_path: Path) -> None:
         assert len(series(m, "bnserve_serving_version")) == 2
         assert value(m, "bnserve_jobs", status="queued") == 1
         assert value(m, "bnserve_jobs", status="running") == 0
-    assert list((tmp_path / "data" / "metrics").glob("*.db"))
+    (folder,) = (tmp_path / "data" / "metrics").iterdir()  # this server's, by host and pid
+    assert folder.name.endswith(f"-{server.proc.pid}")
+    assert list(folder.glob("*.db"))
 
     # A killed API process: uvicorn replaces it, its per-process gauges go, its counts stay.
     dead = sorted(pids)[0]
