@@ -6,13 +6,11 @@ import os
 import shutil
 from functools import partial
 
-from prometheus_client.multiprocess import mark_process_dead
-
 from service.api.server import serve, server_config
 from service.app import configure_logging, create_app
 from service.db.engine import make_engine, make_sessionmaker, migrate
 from service.jobs import JobQueue
-from service.metrics import prepare_multiprocess_dir
+from service.metrics import prepare_multiprocess_dir, process_gone
 from service.settings import Settings
 from service.worker.supervisor import supervised_workers
 
@@ -37,7 +35,7 @@ def main() -> None:
             settings, "service.app:create_app", factory=True, workers=settings.API_WORKERS
         )
         try:
-            serve(config, on_child_exit=partial(mark_process_dead, path=str(metrics_dir)))
+            serve(config, on_child_exit=partial(process_gone, metrics_dir))
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     engine.dispose()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import math
 import os
 import shutil
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
@@ -103,6 +104,35 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie: an API process killed a moment ago stays a zombie until uvicorn's
+    parent reaps it, which can take its health-check timeout (30 s) when a ping was in flight."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return _alive(pid) if not Path("/proc/self").exists() else False
+    except OSError:
+        return _alive(pid)
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def sweep_dead_processes(path: Path) -> None:
+    """Drop the live gauges of API processes that are gone (`mark_process_dead` for each)."""
+    pids = {f.stem.rpartition("_")[2] for f in path.glob("gauge_live*_*.db")}
+    for pid in pids:
+        if pid.isdigit() and not _running(int(pid)):
+            process_gone(path, int(pid))
+
+
+def process_gone(path: Path, pid: int) -> None:
+    """Drop an ended API process's live gauges (its counters and histograms stay in the totals).
+
+    Called by the parent when uvicorn replaces the process, and by a scrape that finds it gone,
+    whichever comes first."""
+    with contextlib.suppress(FileNotFoundError):  # the other one removed them meanwhile
+        mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]
 
 
 def observe_all(histogram: Histogram, values: Sequence[float]) -> None:
@@ -231,6 +261,8 @@ class Metrics:
         """The text of a scrape (blocking: it may read files and the database)."""
         if self._multiprocess_dir is None:
             return generate_latest(self.registry)
+        # The parent reaps too (`serve(on_child_exit=...)`), but only once uvicorn notices.
+        sweep_dead_processes(self._multiprocess_dir)
         registry = CollectorRegistry()
         registry.register(_LiveSamples(self._multiprocess_dir))
         for collector in self._scrape_collectors:
