@@ -10,6 +10,10 @@ Measured on a 2-core CPU (issue #8): the previous loop waited `MAX_BATCH_WAIT_MS
 and then awaited an `asyncio.Queue` per item; a lone `mlp_bn` request paid ~5 ms for a 0.04 ms
 forward. Here a lone request pays one thread hop, and no setting needs tuning per model.
 
+Each pass reports once, when it ends (`on_batch`): its size, the queue wait of each of its requests
+(enqueue to the start of the pass) and its forward time measured on the forward thread, so the
+metrics cost a few writes per batch rather than per request.
+
 Forward passes run in the given executor, never on the event loop. Because served models are in
 eval mode, gathering requests cannot change any request's outputs: BN uses running statistics,
 not the batch's.
