@@ -40,9 +40,10 @@ from service.db.engine import engine_for, make_sessionmaker, migrate
 from service.db.threads import DatabaseThreads
 from service.demo import seed_demo
 from service.files import Owner
+from service.job_metrics import JobMetrics
 from service.jobs import JobQueue
 from service.loops import PeriodicLoop
-from service.metrics import Metrics
+from service.metrics import Metrics, multiprocess_dir
 from service.registry import Registry
 from service.serving.device import resolve_device
 from service.serving.manager import ModelManager
@@ -52,6 +53,8 @@ from service.worker.resume import ResumeStore
 from service.worker.supervisor import WorkerSupervisor
 
 log = logging.getLogger(__name__)
+
+QUEUED_GAUGE_INTERVAL_S = 1.0
 
 
 def build_services(settings: Settings) -> Services:
@@ -88,16 +91,13 @@ def build_services(settings: Settings) -> Services:
         torch.get_num_threads(),
         backend_precisions(),
     )
-    metrics = Metrics()
+    metrics = Metrics(multiprocess_dir(settings))
+    metrics.add_scrape_collector(JobMetrics(jobs))
     db = DatabaseThreads(settings.DB_THREADS)
     manager = ModelManager(settings, registry, device, db)
-    manager.on_batch = lambda name, size: metrics.batch_size.labels(name).observe(size)
-
-    def on_swap(name: str, version: int) -> None:
-        metrics.serving_version.labels(name).set(version)
-        metrics.swaps.labels(name).inc()
-
-    manager.on_swap = on_swap
+    manager.on_batch = metrics.batch_done
+    manager.on_swap = metrics.swapped
+    manager.on_loaded = metrics.loaded_changed
     manager.on_load_failure = lambda name: metrics.version_load_failures.labels(name).inc()
     manager.on_forget = metrics.forget_model
     return Services(
@@ -129,6 +129,21 @@ def job_pruner(settings: Settings, jobs: JobQueue) -> PeriodicLoop | None:
     return PeriodicLoop("job pruning", settings.job_prune_interval_s(), prune)
 
 
+def queued_gauge_loop(services: Services) -> PeriodicLoop | None:
+    """In multiprocess mode the scraped process cannot see the others' queues: each process
+    writes its own queue length every second (the one process of single mode does it at scrape)."""
+    if not services.metrics.multiprocess:
+        return None
+    metrics, admission = services.metrics, services.manager.admission
+
+    async def refresh() -> None:
+        metrics.queued.set(admission.queued)
+
+    loop = PeriodicLoop("queued-samples gauge", QUEUED_GAUGE_INTERVAL_S, refresh)
+    loop.start()
+    return loop
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -140,9 +155,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     pruner = job_pruner(settings, services.jobs)
     if pruner is not None:
         pruner.start()
+    gauges = queued_gauge_loop(services)
     try:
         yield
     finally:
+        if gauges is not None:
+            await gauges.stop()
         if pruner is not None:
             await pruner.stop()
         await supervisor.stop()

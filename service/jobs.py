@@ -156,6 +156,25 @@ class JobQueue:
             rows = session.execute(select(JobRow.id, JobRow.status).where(JobRow.id.in_(job_ids)))
             return {job_id: status for job_id, status in rows}
 
+    def overview(self) -> list[tuple[str, str, str]]:
+        """(id, model name, status) of every job: a narrow read, for the metrics scrape."""
+        with self._sessions.begin() as session:
+            rows = session.execute(select(JobRow.id, JobRow.model_name, JobRow.status))
+            return [(job_id, model, status) for job_id, model, status in rows]
+
+    def progress_of(
+        self, job_ids: list[str]
+    ) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
+        """(progress, per-epoch metrics) of each of `job_ids` that still exists."""
+        out: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+        with self._sessions.begin() as session:
+            for start in range(0, len(job_ids), 500):  # bound the statement's parameters
+                chunk = job_ids[start : start + 500]
+                query = select(JobRow.id, JobRow.progress, JobRow.metrics)
+                for job_id, progress, metrics in session.execute(query.where(JobRow.id.in_(chunk))):
+                    out[job_id] = (progress or {}, metrics or [])
+        return out
+
     def cancel(self, job_id: str) -> JobRow:
         """A queued job ends at once; a running one is flagged and its worker stops it."""
         with self._sessions.begin() as session:

@@ -10,6 +10,8 @@ the data dir or the database.
 from __future__ import annotations
 
 import os
+import shutil
+from functools import partial
 
 from service.settings import Settings, settings_env
 
@@ -20,6 +22,7 @@ def run_api(settings: Settings) -> None:
     from service.app import configure_logging, create_app
     from service.db.engine import engine_for, make_sessionmaker, migrate
     from service.jobs import JobQueue
+    from service.metrics import prepare_multiprocess_dir, process_gone
     from service.serving.allocator import tune_allocator
     from service.startup import StartupError, exit_on_startup_error, preflight
     from service.worker.supervisor import supervised_workers
@@ -47,5 +50,11 @@ def run_api(settings: Settings) -> None:
     # The children read their settings from the environment: the ones given as options too.
     os.environ.update({**settings_env(settings), "BNSERVE_WORKERS": "0"})
     with supervised_workers(settings, JobQueue(make_sessionmaker(engine))):
-        serve(config, sock)
+        # Read by prometheus-client as each API process imports it; training workers write no
+        # metric files (their metrics are read from the job rows).
+        metrics_dir = prepare_multiprocess_dir(settings.metrics_dir)
+        try:
+            serve(config, sock, on_child_exit=partial(process_gone, metrics_dir))
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     engine.dispose()

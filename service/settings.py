@@ -213,6 +213,11 @@ class Settings(BaseSettings):
         return self.DATA_DIR / "uploads"
 
     @property
+    def metrics_dir(self) -> Path:
+        """The API processes' metric files when BNSERVE_API_WORKERS > 1, a folder per server."""
+        return self.DATA_DIR / "metrics"
+
+    @property
     def resume_dir(self) -> Path:
         """Training jobs' per-epoch states, so an interrupted job resumes instead of restarting."""
         return self.DATA_DIR / "resume"

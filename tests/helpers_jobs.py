@@ -122,6 +122,11 @@ def wait_job(
     return wait_until(probe, timeout, f"job {job_id} to reach {statuses}")
 
 
+def without_durations(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A job's epochs minus their wall times: what two runs with one seed have in common."""
+    return [{k: v for k, v in m.items() if k != "duration_s"} for m in metrics]
+
+
 def versions(client: httpx.Client, model: str) -> list[dict[str, Any]]:
     r = client.get(f"/v1/models/{model}/versions")
     assert r.status_code == 200, r.text

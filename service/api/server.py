@@ -108,9 +108,47 @@ def bind(config: ServerConfig) -> socket.socket:
     return sock
 
 
-def serve(config: ServerConfig, sock: socket.socket | None = None) -> None:
+class ReapingMultiprocess(Multiprocess):
+    """uvicorn's process manager, telling `on_exit` the pid of each API process that is gone.
+
+    uvicorn replaces a dead child (and SIGHUP/SIGTTOU retire some) without a hook; the metrics'
+    multiprocess mode must then drop the gone process's live gauges (`mark_process_dead`).
+    """
+
+    def __init__(
+        self, config: uvicorn.Config, sockets: list[socket.socket], on_exit: Callable[[int], None]
+    ) -> None:
+        super().__init__(config, sockets)
+        self._on_exit = on_exit
+        self._known: set[int] = set()
+
+    def _reap(self) -> None:
+        alive = {p.pid for p in self.processes if p.pid is not None}
+        for pid in self._known - alive:
+            self._on_exit(pid)
+        self._known = alive
+
+    def init_processes(self) -> None:
+        super().init_processes()
+        self._reap()
+
+    def handle_signals(self) -> None:
+        super().handle_signals()
+        self._reap()
+
+    def keep_subprocess_alive(self) -> None:
+        super().keep_subprocess_alive()
+        self._reap()
+
+
+def serve(
+    config: ServerConfig,
+    sock: socket.socket | None = None,
+    on_child_exit: Callable[[int], None] | None = None,
+) -> None:
     """Run the server until it is stopped (what `uvicorn.run` does, for a Config built here),
-    on `sock` (from `bind`) or a socket bound now, before the app's lifespan."""
+    on `sock` (from `bind`) or a socket bound now, before the app's lifespan. With several
+    workers, `on_child_exit(pid)` is called for each API process that ended."""
     from service.startup import StartupError, exit_on_startup_error
 
     if sock is None:
@@ -121,7 +159,10 @@ def serve(config: ServerConfig, sock: socket.socket | None = None) -> None:
     server = uvicorn.Server(config)
     try:
         if config.workers > 1:
-            Multiprocess(config, sockets=[sock]).run()
+            if on_child_exit is None:
+                Multiprocess(config, sockets=[sock]).run()
+            else:
+                ReapingMultiprocess(config, [sock], on_child_exit).run()
         else:
             server.run(sockets=[sock])
     except KeyboardInterrupt:

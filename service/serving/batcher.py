@@ -10,6 +10,10 @@ Measured on a 2-core CPU (issue #8): the previous loop waited `MAX_BATCH_WAIT_MS
 and then awaited an `asyncio.Queue` per item; a lone `mlp_bn` request paid ~5 ms for a 0.04 ms
 forward. Here a lone request pays one thread hop, and no setting needs tuning per model.
 
+Each pass reports once, when it ends (`on_batch`): its size, the queue wait of each of its requests
+(enqueue to the start of the pass) and its forward time measured on the forward thread, so the
+metrics cost a few writes per batch rather than per request.
+
 Forward passes run in the given executor, never on the event loop. Because served models are in
 eval mode, gathering requests cannot change any request's outputs: BN uses running statistics,
 not the batch's.
@@ -18,6 +22,7 @@ not the batch's.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -70,6 +75,20 @@ class _Item:
     x: torch.Tensor
     n: int
     future: asyncio.Future[torch.Tensor]
+    queued_at: float
+
+
+# What a pass reports, once per batch (the metrics): samples, each request's wait, forward seconds.
+BatchReport = Callable[[int, Sequence[float], float], None]
+
+
+def _timed(
+    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """A forward pass and its duration, timed on the forward thread (no loop hops counted)."""
+    started = time.perf_counter()
+    out = forward(x)
+    return out, time.perf_counter() - started
 
 
 class Batcher:
@@ -80,7 +99,7 @@ class Batcher:
         max_batch: int,
         executor: Executor,
         admission: Admission,
-        on_batch: Callable[[int], None] | None = None,
+        on_batch: BatchReport | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -105,7 +124,7 @@ class Batcher:
         self.in_flight += 1
         try:
             future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-            self._pending.append(_Item(x, n, future))
+            self._pending.append(_Item(x, n, future, time.perf_counter()))
             if not self._busy:
                 self._start_next()
             return await future
@@ -138,33 +157,41 @@ class Batcher:
             self._busy = False
             return
         self._busy = True
+        started = time.perf_counter()
         x = batch[0].x if len(batch) == 1 else torch.cat([item.x for item in batch])
         loop = asyncio.get_running_loop()
-        done = loop.run_in_executor(self._executor, self._forward, x)
-        done.add_done_callback(lambda f: self._finish(batch, size, f))
+        done = loop.run_in_executor(self._executor, _timed, self._forward, x)
+        done.add_done_callback(lambda f: self._finish(batch, size, started, f))
 
-    def _finish(self, batch: list[_Item], size: int, done: asyncio.Future[torch.Tensor]) -> None:
+    def _finish(
+        self,
+        batch: list[_Item],
+        size: int,
+        started: float,
+        done: asyncio.Future[tuple[torch.Tensor, float]],
+    ) -> None:
         if done.cancelled():
             error: BaseException | None = asyncio.CancelledError()
         else:
             error = done.exception()
         if isinstance(error, RowsRefused):  # the pass ran: its rows go out, refused or not
             self._finish_rows(batch, error)
-            if self._on_batch is not None:
-                self._on_batch(size)
+            if self._on_batch is not None:  # the pass's own time is not known: up to now
+                waits = [started - item.queued_at for item in batch]
+                self._on_batch(size, waits, time.perf_counter() - started)
         elif error is not None:  # every waiter of this pass gets the error; the batcher goes on
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(error)
         else:
-            out = done.result()
+            out, seconds = done.result()
             offset = 0
             for item in batch:
                 if not item.future.done():
                     item.future.set_result(out[offset : offset + item.n])
                 offset += item.n
             if self._on_batch is not None:
-                self._on_batch(size)
+                self._on_batch(size, [started - item.queued_at for item in batch], seconds)
         if self._closed:
             self._busy = False
             return

@@ -3,6 +3,7 @@ optimized for serving (`optimize.py`) and gated again."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,13 @@ class LoadedModel:
     optimizations: OptimizationReport = field(default_factory=OptimizationReport)
     # The model's id: names are reused after a delete, ids never (`registry.Identity`).
     model_id: str = ""
+
+    @functools.cached_property
+    def nbytes(self) -> int:
+        """Bytes of the module's parameters and buffers (each storage once), for the metrics."""
+        tensors = [*self.module.parameters(), *self.module.buffers()]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
 
     @property
     def is_classifier(self) -> bool:

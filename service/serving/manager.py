@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -218,10 +219,13 @@ class ModelManager:
         self._swaps = 0
         self._swapped_at: dict[str, int] = {}
         self._sync_loop = PeriodicLoop("serving sync", settings.SYNC_INTERVAL_S, self.sync_once)
-        self.on_batch: Callable[[str, int], None] | None = None
+        # Metrics hooks: each forward pass (model, samples, each request's queue wait, forward
+        # seconds); each swap (model, version); each change of what is loaded (bytes by version).
+        self.on_batch: Callable[[str, int, Sequence[float], float], None] | None = None
         self.on_swap: Callable[[str, int], None] | None = None
         self.on_load_failure: Callable[[str], None] | None = None
         self.on_forget: Callable[[str], None] | None = None
+        self.on_loaded: Callable[[dict[tuple[str, int], int]], None] | None = None
 
     # Life cycle
 
@@ -363,6 +367,7 @@ class ModelManager:
         self._failures.pop(name, None)
         self._failed_files.pop(name, None)
         self._swapped_at.pop(name, None)
+        self._loaded_changed()
         if self.on_forget is not None:
             self.on_forget(name)
 
@@ -399,6 +404,7 @@ class ModelManager:
             self._remember(old)
         if self.on_swap is not None:
             self.on_swap(name, handle.version)
+        self._loaded_changed()
         log.info("model %s now serves version %d", name, handle.version)
         return handle
 
@@ -422,6 +428,17 @@ class ModelManager:
         while len(self._cache) > self._settings.VERSION_CACHE_SIZE:
             _, evicted = self._cache.popitem(last=False)
             self._retire(evicted)
+        self._loaded_changed()
+
+    def loaded_versions(self) -> dict[tuple[str, int], int]:
+        """Bytes of parameters and buffers of each version loaded here, serving or cached."""
+        out = {(name, h.version): h.loaded.nbytes for name, h in self._serving.items()}
+        out.update({key: h.loaded.nbytes for key, h in self._cache.items()})
+        return out
+
+    def _loaded_changed(self) -> None:
+        if self.on_loaded is not None:
+            self.on_loaded(self.loaded_versions())
 
     @staticmethod
     def _retire(handle: Handle) -> None:
@@ -454,18 +471,12 @@ class ModelManager:
 
     def _new_handle(self, loaded: LoadedModel) -> Handle:
         name = loaded.name
-        on_batch = self.on_batch
-
-        def count(size: int) -> None:
-            if on_batch is not None:
-                on_batch(name, size)
-
         batcher = Batcher(
             with_probabilities(loaded),
             max_batch=self._max_batch.get(name, self._settings.MAX_BATCH_SIZE),
             executor=self._executor,
             admission=self.admission,
-            on_batch=count,
+            on_batch=None if self.on_batch is None else functools.partial(self.on_batch, name),
         )
         per_sample = loaded.config.num_outputs() * (2 if loaded.is_classifier else 1)
         return Handle(loaded, batcher, self._settings.MAX_RESPONSE_VALUES // per_sample)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
@@ -69,6 +70,9 @@ class EpochMetrics:
     train_loss: float
     val_loss: float | None
     val_accuracy: float | None
+    # Wall time of the epoch, validation included (the metrics' epoch-duration histogram). Not
+    # compared: two runs with the same seed have the same metrics but not the same durations.
+    duration_s: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -289,6 +293,7 @@ def train(
 
     try:
         for epoch in range(done + 1, params.epochs + 1):
+            epoch_started = time.perf_counter()
             model.train()
             order = train_idx[torch.randperm(train_idx.numel(), generator=order_gen)]
             loss_sum = 0.0
@@ -327,6 +332,7 @@ def train(
                 train_loss=loss_sum / int(train_idx.numel()),
                 val_loss=val_loss,
                 val_accuracy=val_acc,
+                duration_s=time.perf_counter() - epoch_started,
             )
             metrics.append(epoch_metrics)
             if on_state is not None:

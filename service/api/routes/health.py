@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.auth import bearer_matches
 from service.api.deps import MetricsAuth, Services, ServicesDep
@@ -57,5 +58,8 @@ async def readyz(services: ServicesDep, request: Request) -> JSONResponse:
 
 @router.get("/metrics", response_class=PlainTextResponse, dependencies=[MetricsAuth])
 async def metrics(services: ServicesDep) -> Response:
+    """Prometheus text: this process's metrics, or every API process's in multiprocess mode,
+    and the jobs' from the database (read in a thread: the scrape must not block the loop)."""
     services.metrics.queued.set(services.manager.admission.queued)
-    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    body = await asyncio.to_thread(services.metrics.exposition)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
