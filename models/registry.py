@@ -41,6 +41,19 @@ NumClasses = Annotated[
     int, Field(ge=2, le=MAX_CLASSES, description="Number of classes (width of the output layer).")
 ]
 ClassLabel = Annotated[str, Field(min_length=1, max_length=200)]
+# Dropout (Srivastava et al. 2014) is active in train mode only: a served model (eval mode) is
+# deterministic whatever p is, and nn.Dropout has no parameters, so p never changes the
+# state_dict's keys and checkpoints load whatever it is set to.
+DropoutP = Annotated[
+    float,
+    Field(
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="Probability of zeroing each unit where the architecture places dropout "
+        "(training only; 0 = off).",
+    ),
+]
 
 
 class BatchNormOptions(TypedDict):

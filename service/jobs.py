@@ -180,6 +180,8 @@ class JobQueue:
         result_version: int | None = None,
         promoted: bool | None = None,
         error: str | None = None,
+        kept_epoch: int | None = None,
+        stop_reason: str | None = None,
     ) -> bool:
         """End a job this worker holds; False when it no longer holds it."""
         with self._sessions.begin() as session:
@@ -190,6 +192,8 @@ class JobQueue:
             row.status = status
             row.result_version = result_version
             row.promoted = promoted
+            row.kept_epoch = kept_epoch
+            row.stop_reason = stop_reason
             row.error = error
             row.finished_at = now
             if row.started_at is not None:

@@ -34,11 +34,12 @@ def _check_upgrade_keeps_rows(url: str, data_dir: Path) -> None:
     migrate(engine, data_dir)  # and again: a no-op
     assert "phase" in {c["name"] for c in inspect(engine).get_columns("jobs")}
     assert "serving" in {c["name"] for c in inspect(engine).get_columns("models")}
+    assert {"kept_epoch", "stop_reason"} <= {c["name"] for c in inspect(engine).get_columns("jobs")}
     with engine.begin() as conn:
         assert conn.execute(text("SELECT name, last_version, serving FROM models")).all() == [
             ("kept", 3, None)
         ]
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"
     engine.dispose()
 
 

@@ -25,7 +25,8 @@ StopReason = Literal["completed", "early_stopping"]
 
 
 class EarlyStopping(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # strict, as the API's JobCreate that nests it: "3" is not three epochs.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     patience: int = Field(ge=1, le=1000, description="epochs without improvement before stopping")
     min_delta: float = Field(

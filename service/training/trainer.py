@@ -49,9 +49,10 @@ class TrainingDiverged(RuntimeError):
 class PreciseBN(BaseModel):
     """Recompute BN running statistics over `batches` training batches after the last epoch."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict, as the API's JobCreate that nests it.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    batches: int = Field(ge=1, le=100_000)
+    batches: int = Field(ge=1, le=100_000, description="training batches to average over")
 
 
 class TrainParams(BaseModel):

@@ -41,6 +41,9 @@ class Cancelled(Exception):
 class Outcome:
     result_version: int
     promoted: bool
+    # Training jobs only: the epoch whose weights were published, and why the run ended.
+    kept_epoch: int | None = None
+    stop_reason: str | None = None
 
 
 @dataclass
@@ -148,6 +151,8 @@ def run_job(
         "dataset_sha256": dataset_row.sha256,
         "hyperparameters": dict(job.params),
     }
+    kept_epoch: int | None = None
+    stop_reason: str | None = None
     if job.kind == "recalibrate_bn":
         done = recalibrate_bn(
             module,
@@ -199,8 +204,11 @@ def run_job(
         lineage["metrics"] = {
             "val_loss": result.final_val_loss,
             "val_accuracy": result.final_val_accuracy,
+            "kept_epoch": result.kept_epoch,
+            "stop_reason": result.stop_reason,
             "epochs": [asdict(m) for m in result.metrics],
         }
+        kept_epoch, stop_reason = result.kept_epoch, result.stop_reason
         module.load_state_dict(result.state_dict)
         source, better = "train", True
         if job.promote == "if_better":
@@ -226,7 +234,12 @@ def run_job(
     if promote:
         registry.set_serving(model.name, row.version)
     log.info("job %s stored %s version %d (promoted: %s)", job.id, model.name, row.version, promote)
-    return Outcome(result_version=row.version, promoted=promote)
+    return Outcome(
+        result_version=row.version,
+        promoted=promote,
+        kept_epoch=kept_epoch,
+        stop_reason=stop_reason,
+    )
 
 
 def _save_state(states: ResumeStore, job_id: str, state: TrainState, meta: dict[str, Any]) -> None:

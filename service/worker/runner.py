@@ -119,6 +119,8 @@ class Worker:
                 "succeeded",
                 result_version=outcome.result_version,
                 promoted=outcome.promoted,
+                kept_epoch=outcome.kept_epoch,
+                stop_reason=outcome.stop_reason,
             )
         finally:
             # Only a job this worker ended: one taken from it may be resuming on another worker.
