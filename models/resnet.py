@@ -169,8 +169,8 @@ class ResNet(nn.Module):
         "BasicBlocks (64, 128, 256, 512 channels) with BatchNorm2d after every convolution, "
         "global average pooling, optional dropout and a linear classifier. Module names and "
         "shapes match torchvision's resnet18, so its state_dicts load. stem='imagenet' is "
-        "torchvision's 7x7 stride-2 conv plus max-pool for 224x224 images; stem='cifar' (default) uses a 3x3 "
-        "stride-1 conv and no max-pool for small images such as 32x32."
+        "torchvision's 7x7 stride-2 conv plus max-pool for 224x224 images; stem='cifar' "
+        "(default) uses a 3x3 stride-1 conv and no max-pool for small images such as 32x32."
     ),
     config=ResNetConfig,
 )
