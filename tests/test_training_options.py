@@ -58,7 +58,7 @@ def _train(model: nn.Module | None = None, **params: Any) -> TrainResult:
     )
 
 
-def _bn_stats(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def bn_stats(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     names = ("running_mean", "running_var", "num_batches_tracked")
     return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in names}
 
@@ -183,7 +183,7 @@ def test_frozen_bn_keeps_running_stats_bit_identical_and_trains_affine_params():
     before = copy.deepcopy(model.state_dict())
     result = _train(model, bn="frozen")
     after = result.state_dict
-    for key, value in _bn_stats(before).items():
+    for key, value in bn_stats(before).items():
         assert torch.equal(after[key], value), key
     for key in ("bn1.weight", "bn1.bias", "fc1.weight"):
         assert not torch.equal(after[key], before[key]), key
@@ -191,7 +191,7 @@ def test_frozen_bn_keeps_running_stats_bit_identical_and_trains_affine_params():
     assert not torch.equal(moved["bn1.running_mean"], before["bn1.running_mean"])
 
 
-def _direct_stats(
+def direct_bn_stats(
     weights: dict[str, torch.Tensor], x: torch.Tensor, batches: list[torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """BN statistics as PyTorch's cumulative average (momentum=None) over `batches` of x."""
@@ -205,7 +205,13 @@ def _direct_stats(
     with torch.no_grad():
         for rows in batches:
             model(x[rows])
-    return _bn_stats(model.state_dict())
+    return bn_stats(model.state_dict())
+
+
+def recalibration_batches(rows: torch.Tensor, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """The batches precise_bn feeds: recalibration's own shuffle (seed + 3) and batch plan."""
+    order = rows[torch.randperm(rows.numel(), generator=torch.Generator().manual_seed(seed + 3))]
+    return list(torch.split(order, plan_batches(rows.numel(), batch_size)))
 
 
 def test_precise_bn_sets_the_stats_the_kept_weights_give_over_those_batches():
@@ -218,16 +224,12 @@ def test_precise_bn_sets_the_stats_the_kept_weights_give_over_those_batches():
     train_idx, _ = split_dataset(x.shape[0], 0.2, seed)
     rows = precise_bn_rows(train_idx, batches, bs, seed)
     assert rows.numel() == batches * bs == train_idx.numel()
-    # Recalibration's own shuffle of those rows (service/training/recalibration.py).
-    order = rows[torch.randperm(rows.numel(), generator=torch.Generator().manual_seed(seed + 3))]
-    sizes = plan_batches(rows.numel(), bs)
-    split = list(torch.split(order, sizes))
-    direct = _direct_stats(result.state_dict, x, split)
-    ours = _bn_stats(result.state_dict)
+    direct = direct_bn_stats(result.state_dict, x, recalibration_batches(rows, bs, seed))
+    ours = bn_stats(result.state_dict)
     for key in ("bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var"):
         assert torch.allclose(ours[key], direct[key], rtol=1e-4, atol=1e-6), key
         # Without precise_bn the momentum average lags: far from the estimate over the data.
-        assert not torch.allclose(_bn_stats(plain.state_dict)[key], direct[key], rtol=1e-2), key
+        assert not torch.allclose(bn_stats(plain.state_dict)[key], direct[key], rtol=1e-2), key
     # The first layer's mean is the exact mean over the training rows.
     with torch.no_grad():
         fc1 = nn.functional.linear(
