@@ -209,3 +209,16 @@ def test_job_fields_take_json_numbers_not_booleans_or_strings(client, field, val
     body = assert_error(r, 422, "validation_error")
     assert body["errors"][0]["field"].startswith(field), body
     assert client.get("/v1/jobs").json() == []
+
+
+def test_the_training_options_are_documented(client):
+    schemas = _document(client)["components"]["schemas"]
+    create = schemas["JobCreate"]["properties"]
+    for field in ("keep", "early_stopping", "lr_schedule", "bn", "precise_bn"):
+        assert create[field].get("description"), field
+    assert {"kind", "warmup_epochs", "step_size", "gamma"} <= schemas["LRSchedule"][
+        "properties"
+    ].keys()
+    assert {"patience", "min_delta"} <= schemas["EarlyStopping"]["properties"].keys()
+    assert schemas["PreciseBN"]["required"] == ["batches"]
+    assert {"kept_epoch", "stop_reason"} <= schemas["JobPublic"]["properties"].keys()
