@@ -325,20 +325,6 @@ def train(
                 best = {k: v.detach().to(_CPU, copy=True) for k, v in resume.model.items()}
             selector.restore(resume.selection, best)
 
-    def cpu_weights() -> dict[str, torch.Tensor]:
-        return {k: v.detach().to(_CPU, copy=True) for k, v in model.state_dict().items()}
-
-    def stopped() -> TrainResult:
-        return TrainResult(
-            state_dict={},
-            metrics=metrics,
-            stopped=True,
-            val_indices=val_idx,
-            final_val_loss=None,
-            final_val_accuracy=None,
-            seed=seed,
-        )
-
     try:
         reason: StopReason = "completed"
         for epoch in range(done + 1, params.epochs + 1):
@@ -352,7 +338,7 @@ def train(
             start = 0
             for step, size in enumerate(sizes, start=1):
                 if should_stop():
-                    return stopped()
+                    return _stopped(metrics, val_idx, seed)
                 rows = order[start : start + size]
                 start += size
                 assert rows.numel() >= 2, "a batch of one must never reach BatchNorm in train mode"
@@ -432,6 +418,19 @@ def train(
         model.eval()
 
 
+def _stopped(metrics: list[EpochMetrics], val_idx: torch.Tensor, seed: int) -> TrainResult:
+    # No weights: a cancelled job leaves no version behind.
+    return TrainResult(
+        state_dict={},
+        metrics=metrics,
+        stopped=True,
+        val_indices=val_idx,
+        final_val_loss=None,
+        final_val_accuracy=None,
+        seed=seed,
+    )
+
+
 def _finish(
     model: nn.Module,
     x: torch.Tensor,
@@ -465,7 +464,7 @@ def _finish(
             seed=seed + 3,
         )
         if not done:
-            return TrainResult({}, metrics, True, val_idx, None, None, seed)
+            return _stopped(metrics, val_idx, seed)
         if val_idx.numel():
             # New statistics, new outputs: if_better must judge the weights it would publish.
             val_loss, val_acc = evaluate(model, x[val_idx], y[val_idx], task)
