@@ -9,9 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.db.tables import DatasetRow, JobRow, ModelRow, VersionRow
 from service.registry import NAME_PATTERN
+from service.training.params import PreciseBN
 from service.training.schedule import LRSchedule
 from service.training.selection import EarlyStopping
-from service.training.trainer import PreciseBN
 
 
 class ErrorBody(BaseModel):
