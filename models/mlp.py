@@ -15,6 +15,7 @@ from models.registry import (
     DropoutP,
     Task,
     check_class_labels,
+    dropout_layer,
     register_architecture,
 )
 
@@ -91,7 +92,7 @@ class MLPBN(nn.Module):
         self.bn2 = norm_layer(32)
         self.fc3 = nn.Linear(32, out_features)
         self.relu = nn.ReLU()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout_layer(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(self.relu(self.bn1(self.fc1(x))))

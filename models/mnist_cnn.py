@@ -8,7 +8,13 @@ from functools import partial
 import torch
 from torch import nn
 
-from models.registry import ClassifierConfig, DropoutP, NumClasses, register_architecture
+from models.registry import (
+    ClassifierConfig,
+    DropoutP,
+    NumClasses,
+    dropout_layer,
+    register_architecture,
+)
 
 
 class MNISTCNNConfig(ClassifierConfig):
@@ -39,7 +45,7 @@ class MNISTCNN(nn.Module):
         self.bn2 = norm_layer(64)
         self.relu = nn.ReLU()
         self.pool = nn.MaxPool2d(2)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout_layer(dropout)
         self.fc = nn.Linear(64 * 7 * 7, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

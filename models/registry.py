@@ -41,6 +41,13 @@ NumClasses = Annotated[
     int, Field(ge=2, le=MAX_CLASSES, description="Number of classes (width of the output layer).")
 ]
 ClassLabel = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+def dropout_layer(p: float) -> nn.Module:
+    """nn.Dropout(p), or nn.Identity at p == 0: a no-op Dropout still costs a kernel per call."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 # Dropout (Srivastava et al. 2014) is active in train mode only: a served model (eval mode) is
 # deterministic whatever p is, and nn.Dropout has no parameters, so p never changes the
 # state_dict's keys and checkpoints load whatever it is set to.

@@ -15,7 +15,13 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from models.registry import ClassifierConfig, DropoutP, NumClasses, register_architecture
+from models.registry import (
+    ClassifierConfig,
+    DropoutP,
+    NumClasses,
+    dropout_layer,
+    register_architecture,
+)
 
 NormLayer = Callable[[int], nn.Module]
 Stem = Literal["imagenet", "cifar"]
@@ -124,7 +130,7 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         # On the pooled features before the classifier, where torchvision's later nets put it
         # (e.g. efficientnet's classifier); torchvision's resnet has none, so 0 matches it.
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout_layer(dropout)
         self.fc = nn.Linear(512, num_classes)
 
         # torchvision's init; BN layers already start at gamma=1, beta=0 in PyTorch.

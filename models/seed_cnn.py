@@ -8,7 +8,13 @@ from functools import partial
 import torch
 from torch import nn
 
-from models.registry import ClassifierConfig, DropoutP, NumClasses, register_architecture
+from models.registry import (
+    ClassifierConfig,
+    DropoutP,
+    NumClasses,
+    dropout_layer,
+    register_architecture,
+)
 
 # The article's net is tied to CIFAR-sized input: `fc` consumes the full 16x32x32 feature map.
 IMAGE_SIZE = 32
@@ -42,7 +48,7 @@ class SeedCNN(nn.Module):
             nn.ReLU(),
         )
         # Outside layer1, so its indices (and the article's state_dict keys) stay as they are.
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout_layer(dropout)
         self.fc = nn.Linear(16 * IMAGE_SIZE * IMAGE_SIZE, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
