@@ -12,8 +12,10 @@ from torch import nn
 from models.registry import (
     ArchConfig,
     ClassLabel,
+    DropoutP,
     Task,
     check_class_labels,
+    dropout_layer,
     register_architecture,
 )
 
@@ -33,6 +35,7 @@ class MLPConfig(ArchConfig):
     class_labels: list[ClassLabel] | None = Field(
         None, description="Classification only: names of the classes in output order."
     )
+    dropout: DropoutP = 0.0
 
     @field_validator("task")
     @classmethod
@@ -67,7 +70,11 @@ class MLPConfig(ArchConfig):
 
 
 class MLPBN(nn.Module):
-    """Linear -> BN -> ReLU twice, then a linear head (Ioffe & Szegedy 2015, Sec. 3.2 order)."""
+    """Linear -> BN -> ReLU (-> Dropout) twice, then a linear head.
+
+    BN before the nonlinearity as in Ioffe & Szegedy 2015 (Sec. 3.2); dropout after it, on the
+    hidden units, as in Srivastava et al. 2014.
+    """
 
     def __init__(
         self,
@@ -75,6 +82,7 @@ class MLPBN(nn.Module):
         out_features: int = 2,
         *,
         norm_layer: Callable[[int], nn.Module] | None = None,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm1d
@@ -84,10 +92,11 @@ class MLPBN(nn.Module):
         self.bn2 = norm_layer(32)
         self.fc3 = nn.Linear(32, out_features)
         self.relu = nn.ReLU()
+        self.dropout = dropout_layer(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.fc1(x)))
-        x = self.relu(self.bn2(self.fc2(x)))
+        x = self.dropout(self.relu(self.bn1(self.fc1(x))))
+        x = self.dropout(self.relu(self.bn2(self.fc2(x))))
         logits: torch.Tensor = self.fc3(x)
         return logits
 
@@ -96,7 +105,8 @@ class MLPBN(nn.Module):
     "mlp_bn",
     description=(
         "A multilayer perceptron for tabular data: Linear(in_features, 64), BatchNorm1d, ReLU, "
-        "Linear(64, 32), BatchNorm1d, ReLU, Linear(32, out_features). Set task to "
+        "Linear(64, 32), BatchNorm1d, ReLU, Linear(32, out_features), with optional dropout after "
+        "each hidden ReLU. Set task to "
         "'classification' (out_features logits, at least 2) or 'regression' (out_features raw "
         "values). Input: a vector of in_features numbers. In eval mode a batch of one works, "
         "because BatchNorm1d then uses its running statistics."
@@ -109,4 +119,5 @@ def mlp_bn(cfg: MLPConfig) -> MLPBN:
         cfg.in_features,
         cfg.out_features,
         norm_layer=partial(nn.BatchNorm1d, **cfg.batch_norm_options()),
+        dropout=cfg.dropout,
     )

@@ -43,6 +43,26 @@ NumClasses = Annotated[
 ClassLabel = Annotated[str, Field(min_length=1, max_length=200)]
 
 
+def dropout_layer(p: float) -> nn.Module:
+    """nn.Dropout(p), or nn.Identity at p == 0: a no-op Dropout still costs a kernel per call."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+# Dropout (Srivastava et al. 2014) is active in train mode only: a served model (eval mode) is
+# deterministic whatever p is, and nn.Dropout has no parameters, so p never changes the
+# state_dict's keys and checkpoints load whatever it is set to.
+DropoutP = Annotated[
+    float,
+    Field(
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="Probability of zeroing each unit where the architecture places dropout "
+        "(training only; 0 = off).",
+    ),
+]
+
+
 class BatchNormOptions(TypedDict):
     """Keyword arguments shared by `nn.BatchNorm1d/2d/3d`, taken from a config."""
 

@@ -15,7 +15,13 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from models.registry import ClassifierConfig, NumClasses, register_architecture
+from models.registry import (
+    ClassifierConfig,
+    DropoutP,
+    NumClasses,
+    dropout_layer,
+    register_architecture,
+)
 
 NormLayer = Callable[[int], nn.Module]
 Stem = Literal["imagenet", "cifar"]
@@ -43,6 +49,7 @@ class ResNetConfig(ClassifierConfig):
         description="Start each residual branch's last BN at gamma=0 so blocks begin as identity "
         "(Goyal et al. 2017); only affects fresh weights.",
     )
+    dropout: DropoutP = 0.0
 
     def input_shape(self) -> tuple[int, ...]:
         return (self.in_channels, self.image_size, self.image_size)
@@ -98,6 +105,7 @@ class ResNet(nn.Module):
         stem: Stem = "imagenet",
         zero_init_residual: bool = False,
         norm_layer: NormLayer | None = None,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self._norm_layer: NormLayer = norm_layer or nn.BatchNorm2d
@@ -120,6 +128,9 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(256, layers[2], stride=2)
         self.layer4 = self._make_layer(512, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        # On the pooled features before the classifier, where torchvision's later nets put it
+        # (e.g. efficientnet's classifier); torchvision's resnet has none, so 0 matches it.
+        self.dropout = dropout_layer(dropout)
         self.fc = nn.Linear(512, num_classes)
 
         # torchvision's init; BN layers already start at gamma=1, beta=0 in PyTorch.
@@ -153,7 +164,7 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        logits: torch.Tensor = self.fc(torch.flatten(self.avgpool(x), 1))
+        logits: torch.Tensor = self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
         return logits
 
 
@@ -162,10 +173,10 @@ class ResNet(nn.Module):
     description=(
         "ResNet-18 (He et al. 2015): a stem convolution, four stages of two residual "
         "BasicBlocks (64, 128, 256, 512 channels) with BatchNorm2d after every convolution, "
-        "global average pooling and a linear classifier. Module names and shapes match "
-        "torchvision's resnet18, so its state_dicts load. stem='imagenet' is torchvision's 7x7 "
-        "stride-2 conv plus max-pool for 224x224 images; stem='cifar' (default) uses a 3x3 "
-        "stride-1 conv and no max-pool for small images such as 32x32."
+        "global average pooling, optional dropout and a linear classifier. Module names and "
+        "shapes match torchvision's resnet18, so its state_dicts load. stem='imagenet' is "
+        "torchvision's 7x7 stride-2 conv plus max-pool for 224x224 images; stem='cifar' "
+        "(default) uses a 3x3 stride-1 conv and no max-pool for small images such as 32x32."
     ),
     config=ResNetConfig,
 )
@@ -178,4 +189,5 @@ def resnet18(cfg: ResNetConfig, *, norm_layer: NormLayer | None = None) -> ResNe
         stem=cfg.stem,
         zero_init_residual=cfg.zero_init_residual,
         norm_layer=norm_layer or partial(nn.BatchNorm2d, **cfg.batch_norm_options()),
+        dropout=cfg.dropout,
     )

@@ -51,7 +51,11 @@ def end_jobs_of_deleted_model(session: Session, model_id: str, name: str) -> Non
 
 
 def result_recorder(
-    job_id: str, worker_id: str, promoted: bool
+    job_id: str,
+    worker_id: str,
+    promoted: bool,
+    kept_epoch: int | None = None,
+    stop_reason: str | None = None,
 ) -> Callable[[Session, VersionRow], None]:
     """For `Registry.add_version`: record the job's result in the version's own transaction.
 
@@ -64,7 +68,12 @@ def result_recorder(
             update(JobRow)
             .where(JobRow.id == job_id, JobRow.worker_id == worker_id)
             .where(JobRow.status == "running", JobRow.phase == "publishing")
-            .values(result_version=version.version, promoted=promoted)
+            .values(
+                result_version=version.version,
+                promoted=promoted,
+                kept_epoch=kept_epoch,
+                stop_reason=stop_reason,
+            )
             .returning(JobRow.id)
         )
         if held is None:
@@ -287,6 +296,8 @@ class JobQueue:
         result_version: int | None = None,
         promoted: bool | None = None,
         error: str | None = None,
+        kept_epoch: int | None = None,
+        stop_reason: str | None = None,
     ) -> bool:
         """End a job this worker holds; False when it no longer holds it."""
         with self._sessions.begin() as session:
@@ -297,6 +308,8 @@ class JobQueue:
             row.status = status
             row.result_version = result_version
             row.promoted = promoted
+            row.kept_epoch = kept_epoch
+            row.stop_reason = stop_reason
             row.error = error
             row.finished_at = now
             if row.started_at is not None:

@@ -137,6 +137,28 @@ INVALID = [
         {"val_fraction": 0, "promote": "if_better"}, 422, "invalid_promote", id="if-better-no-val"
     ),
     pytest.param({"promote": "sometimes"}, 422, "validation_error", id="unknown-promote"),
+    pytest.param({"keep": "first"}, 422, "validation_error", id="unknown-keep"),
+    pytest.param({"bn": "eval"}, 422, "validation_error", id="unknown-bn-mode"),
+    pytest.param({"early_stopping": {"patience": 0}}, 422, "validation_error", id="patience-zero"),
+    pytest.param(
+        {"early_stopping": {"patience": "3"}}, 422, "validation_error", id="patience-string"
+    ),
+    pytest.param(
+        {"early_stopping": {"patience": 2}, "val_fraction": 0, "promote": "never"},
+        422,
+        "invalid_hyperparameters",
+        id="early-stopping-no-val",
+    ),
+    pytest.param(
+        {"lr_schedule": {"kind": "step"}}, 422, "validation_error", id="step-without-step-size"
+    ),
+    pytest.param(
+        {"lr_schedule": {"kind": "cosine", "warmup_epochs": 30}},
+        422,
+        "invalid_hyperparameters",
+        id="warmup-not-shorter-than-epochs",
+    ),
+    pytest.param({"precise_bn": {"batches": 0}}, 422, "validation_error", id="precise-bn-zero"),
 ]
 
 
@@ -154,6 +176,38 @@ def test_job_creation_refuses_what_a_worker_would_trip_over(idle, setup, change,
     assert r.json()["code"] == code, r.json()
     assert r.json()["detail"]
     assert _job_count(idle) == before
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"keep": "first"}, "keep"),
+        ({"early_stopping": {"patience": 0}}, "early_stopping.patience"),
+        ({"lr_schedule": {"kind": "step", "step_size": 1, "gamma": 2}}, "lr_schedule.gamma"),
+        ({"precise_bn": {"batches": -1}}, "precise_bn.batches"),
+    ],
+)
+def test_a_bad_training_option_is_named(idle, setup, change, field):
+    r = post_job(idle, model="m", dataset=setup["good"], **TRAIN, **change)
+    assert r.status_code == 422, r.text
+    assert [e["field"] for e in r.json()["errors"]] == [field]
+
+
+def test_training_options_are_stored_with_the_job(idle, setup):
+    options = {
+        "keep": "last",
+        "early_stopping": {"patience": 3, "min_delta": 0.01},
+        "lr_schedule": {"kind": "step", "warmup_epochs": 2, "step_size": 5, "gamma": 0.5},
+        "bn": "frozen",
+        "precise_bn": {"batches": 20},
+    }
+    job = start_job(idle, model="m", dataset=setup["good"], **TRAIN, **options)
+    params = get_job(idle, job)["params"]
+    assert {k: params[k] for k in options} == options
+    defaults = get_job(idle, start_job(idle, model="m", dataset=setup["good"], **TRAIN))
+    assert (defaults["params"]["keep"], defaults["params"]["bn"]) == ("best", "train")
+    assert "early_stopping" not in defaults["params"]
+    assert (defaults["kept_epoch"], defaults["stop_reason"]) == (None, None)
 
 
 def test_valid_job_is_queued(idle, setup):
@@ -264,7 +318,8 @@ def test_training_job_reaches_accuracy_and_records_progress_and_lineage(sc):
 
     assert [m["epoch"] for m in job["metrics"]] == list(range(1, EPOCHS + 1))
     for m in job["metrics"]:
-        assert {"train_loss", "val_loss", "val_accuracy"} <= m.keys()
+        assert {"train_loss", "val_loss", "val_accuracy", "lr"} <= m.keys()
+        assert m["lr"] == TRAIN["lr"]
         assert m["duration_s"] > 0  # the metrics' epoch-duration histogram reads it
     final_accuracy = job["metrics"][-1]["val_accuracy"]
     assert final_accuracy >= 0.9, job["metrics"]
@@ -281,6 +336,10 @@ def test_training_job_reaches_accuracy_and_records_progress_and_lineage(sc):
     assert job["promoted"] is True
     assert job["attempts"] == 1
     assert job["error"] is None
+    # keep defaults to "best": the epoch if_better would pick, which the lineage reports.
+    kept = job["metrics"][job["kept_epoch"] - 1]
+    assert kept["val_accuracy"] == max(m["val_accuracy"] for m in job["metrics"])
+    assert job["stop_reason"] == "completed"
 
     r = sc.get("/v1/models/clf/versions/2")
     assert r.status_code == 200, r.text
@@ -293,7 +352,8 @@ def test_training_job_reaches_accuracy_and_records_progress_and_lineage(sc):
     assert lineage["dataset_id"] == dataset["id"]
     for key, value in TRAIN.items():
         assert lineage["hyperparameters"][key] == value
-    assert lineage["metrics"]["val_accuracy"] == final_accuracy
+    assert lineage["metrics"]["val_accuracy"] == kept["val_accuracy"]
+    assert lineage["metrics"]["kept_epoch"] == job["kept_epoch"]
     assert [m["epoch"] for m in lineage["metrics"]["epochs"]] == list(range(1, EPOCHS + 1))
 
     # Served by the new version, and right on points it never saw.
@@ -304,10 +364,11 @@ def test_training_job_reaches_accuracy_and_records_progress_and_lineage(sc):
     assert accuracy >= 0.9
     print(f"val accuracy {final_accuracy:.3f}, held-out accuracy {accuracy:.3f}")
 
-    # Every training step went through BN in train mode: v1 had 3 updates, then one a step.
+    # Every training step up to the kept epoch went through BN in train mode: v1 had 3 updates,
+    # then one a step.
     trained = weights(sc, "clf", 2)
     for layer in ("bn1", "bn2"):
-        assert int(trained[f"{layer}.num_batches_tracked"]) == 3 + EPOCHS * STEPS
+        assert int(trained[f"{layer}.num_batches_tracked"]) == 3 + job["kept_epoch"] * STEPS
 
     r = sc.post(f"/v1/jobs/{job_id}/cancel", headers=AUTH)
     assert r.status_code == 409

@@ -46,6 +46,7 @@ def _check_upgrade_keeps_rows(url: str, data_dir: Path) -> None:
     assert {"serving", "preprocess"} <= {c["name"] for c in inspect(engine).get_columns("models")}
     # 0004: jobs outlive their model (no cascade), datasets keep their key.
     referred = {fk["referred_table"] for fk in inspect(engine).get_foreign_keys("jobs")}
+    assert {"kept_epoch", "stop_reason"} <= {c["name"] for c in inspect(engine).get_columns("jobs")}
     assert referred == {"datasets"}
     with engine.begin() as conn:
         rows = conn.execute(text("SELECT name, last_version, serving, preprocess FROM models"))

@@ -407,3 +407,37 @@ def test_a_failing_plugin_is_named_and_its_registrations_undone(plugin_dir: Path
         load_plugins([module])
     with pytest.raises(UnknownArchitecture):
         get_architecture(name)
+
+
+# --- dropout -----------------------------------------------------------------------------------
+
+WITH_DROPOUT = [a for a in ARCHITECTURES if "dropout" in a.config_cls.model_fields]
+
+
+def test_dropout_is_offered_where_it_fits() -> None:
+    assert {a.name for a in WITH_DROPOUT} == {"mlp_bn", "seed_cnn", "mnist_cnn", "resnet18"}
+    for arch in WITH_DROPOUT:
+        assert arch.default_config().model_dump()["dropout"] == 0.0
+        for bad in (-0.1, 1.0, float("nan")):
+            with pytest.raises(ConfigError) as exc:
+                arch.parse_config({"dropout": bad})
+            assert "dropout" in field_errors(exc)
+
+
+@pytest.mark.parametrize("arch", WITH_DROPOUT, ids=arch_id)
+def test_dropout_is_active_in_training_only_and_adds_no_state(arch: Architecture) -> None:
+    torch.manual_seed(0)
+    plain = arch.build(arch.default_config())
+    dropped = arch.build(arch.parse_config({"dropout": 0.5}))
+    # No parameters or buffers: the same keys, so checkpoints load whatever p is.
+    assert list(dropped.state_dict()) == list(plain.state_dict())
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(4, *arch.default_config().input_shape())
+    with torch.no_grad():
+        dropped.train()
+        assert not torch.equal(dropped(x), dropped(x))
+        dropped.load_state_dict(plain.state_dict())  # train-mode BN moved its statistics
+        dropped.eval()
+        plain.eval()
+        assert torch.equal(dropped(x), dropped(x))
+        assert torch.equal(dropped(x), plain(x))

@@ -253,3 +253,16 @@ def test_docs_pages_load_only_assets_this_server_serves(client, page):
         assert any(a.endswith(".css") for a in assets), html
         assert '"persistAuthorization": true' in html  # the Authorize token survives a reload
         assert client.get("/docs/oauth2-redirect").status_code == 200
+
+
+def test_the_training_options_are_documented(client):
+    schemas = _document(client)["components"]["schemas"]
+    create = schemas["JobCreate"]["properties"]
+    for field in ("keep", "early_stopping", "lr_schedule", "bn", "precise_bn"):
+        assert create[field].get("description"), field
+    assert {"kind", "warmup_epochs", "step_size", "gamma"} <= schemas["LRSchedule"][
+        "properties"
+    ].keys()
+    assert {"patience", "min_delta"} <= schemas["EarlyStopping"]["properties"].keys()
+    assert schemas["PreciseBN"]["required"] == ["batches"]
+    assert {"kept_epoch", "stop_reason"} <= schemas["JobPublic"]["properties"].keys()

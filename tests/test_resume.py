@@ -38,6 +38,14 @@ pytestmark = pytest.mark.slow
 # 15 epochs of 80 steps: long enough to stop the worker after epoch 3 with epochs to spare.
 JOB = {"epochs": 15, "batch_size": 8, "lr": 0.01, "optimizer": "adam", "seed": 3}
 STOP_AFTER = 3
+# Every option that carries state from epoch to epoch (issue 16): the scheduler, the early-stopping
+# counters (a patience that never ends the run here, so the kill still lands mid-run) and, by the
+# default keep=best, the best weights so far; precise_bn runs again after the resume.
+OPTIONS = {
+    "lr_schedule": {"kind": "cosine", "warmup_epochs": 2},
+    "early_stopping": {"patience": 100, "min_delta": 0.001},
+    "precise_bn": {"batches": 10},
+}
 ENV = {**FAST_WORKER_ENV, "BNSERVE_WORKER_THREADS": "1", "BNSERVE_JOB_STALE_AFTER_S": "2"}
 
 StartWorker = Callable[[ServerProcess], WorkerProcess]
@@ -77,12 +85,18 @@ def _version(c: httpx.Client, number: int) -> dict[str, Any]:
     return row
 
 
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
-def test_interrupted_job_resumes_and_equals_an_uninterrupted_run(spawn, start_worker, signum):
+@pytest.mark.parametrize(
+    ("signum", "options"),
+    [(signal.SIGKILL, {}), (signal.SIGTERM, {}), (signal.SIGTERM, OPTIONS)],
+    ids=["sigkill", "sigterm", "sigterm-with-options"],
+)
+def test_interrupted_job_resumes_and_equals_an_uninterrupted_run(
+    spawn, start_worker, signum, options
+):
     server = spawn(BNSERVE_WORKERS="0", **ENV)
     with httpx.Client(base_url=server.url, timeout=30) as c:
         dataset = _setup(c)
-        body = {"model": "r", "dataset": dataset, "promote": "never", **JOB}
+        body = {"model": "r", "dataset": dataset, "promote": "never", **JOB, **options}
 
         reference_id = start_job(c, **body)
         first = start_worker(server)
@@ -117,6 +131,10 @@ def test_interrupted_job_resumes_and_equals_an_uninterrupted_run(spawn, start_wo
         assert STOP_AFTER <= resumed_from < JOB["epochs"], job
         assert f"resumes after epoch {resumed_from} of {JOB['epochs']}" in second.log()
         assert without_durations(job["metrics"]) == without_durations(reference["metrics"])
+        assert (job["kept_epoch"], job["stop_reason"]) == (
+            reference["kept_epoch"],
+            reference["stop_reason"],
+        )
         ours, theirs = _version(c, job["result_version"]), _version(c, reference["result_version"])
         assert ours["sha256"] == theirs["sha256"]
         a = weights(c, "r", reference["result_version"])

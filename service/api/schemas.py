@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.names import NAME_PATTERN
 from service.preprocess.pipeline import Preprocess
+from service.training.params import PreciseBN
+from service.training.schedule import LRSchedule
+from service.training.selection import EarlyStopping
 
 if TYPE_CHECKING:
     # Only for the `of` constructors: the client imports these models without the database.
@@ -222,6 +225,36 @@ class JobCreate(BaseModel):
     val_fraction: float = Field(default=0.2, ge=0, lt=1)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     promote: Literal["never", "always", "if_better"] = "if_better"
+    keep: Literal["best", "last"] = Field(
+        default="best",
+        description="which epoch's weights the job publishes: 'best' by the validation metric "
+        "if_better uses (accuracy, ties to the lower loss, for classifiers; loss otherwise), or "
+        "'last'. Without a validation split 'best' keeps the last epoch",
+    )
+    early_stopping: EarlyStopping | None = Field(
+        default=None,
+        description="stop once the validation loss has not fallen by more than min_delta for "
+        "patience epochs; needs val_fraction > 0",
+        examples=[{"patience": 3, "min_delta": 0.001}],
+    )
+    lr_schedule: LRSchedule | None = Field(
+        default=None,
+        description="a learning-rate schedule by epoch, after optional linear warm-up epochs: "
+        "'step' multiplies lr by gamma (default 0.1) every step_size epochs, 'cosine' anneals it "
+        "to 0 by the last epoch",
+        examples=[{"kind": "cosine", "warmup_epochs": 2}],
+    )
+    bn: Literal["train", "frozen"] = Field(
+        default="train",
+        description="'frozen' keeps every BatchNorm layer in eval mode during training: its "
+        "running statistics stay as they were, its scale and shift still learn",
+    )
+    precise_bn: PreciseBN | None = Field(
+        default=None,
+        description="after the last epoch, recompute BN running statistics with the kept "
+        "weights over this many training batches",
+        examples=[{"batches": 50}],
+    )
 
 
 class JobProgress(BaseModel):
@@ -251,6 +284,9 @@ class JobSummary(BaseModel):
     promote: str
     result_version: int | None
     promoted: bool | None
+    # Training jobs that succeeded: the epoch whose weights were published, and why it ended.
+    kept_epoch: int | None
+    stop_reason: str | None
     error: str | None
     attempts: int
     # Epochs this attempt took from the job's saved state instead of running them (0: none).
@@ -282,6 +318,8 @@ class JobSummary(BaseModel):
             "promote": row.promote,
             "result_version": row.result_version,
             "promoted": row.promoted,
+            "kept_epoch": row.kept_epoch,
+            "stop_reason": row.stop_reason,
             "error": row.error,
             "attempts": row.attempts,
             "resumed_from_epoch": int((row.progress or {}).get("resumed_from_epoch", 0)),

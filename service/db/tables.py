@@ -135,6 +135,10 @@ class JobRow(Base):
     # this is set, whatever happens to its worker afterwards.
     result_version: Mapped[int | None] = mapped_column(Integer)
     promoted: Mapped[bool | None] = mapped_column(Boolean)
+    # A finished training job's kept epoch (keep=best or last) and why it stopped: "completed"
+    # or "early_stopping".
+    kept_epoch: Mapped[int | None] = mapped_column(Integer)
+    stop_reason: Mapped[str | None] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     # "publishing" once the worker has started storing the result: from then on a cancel is

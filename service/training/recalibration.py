@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from service.training.trainer import StepCallback, plan_batches
+from service.training.batches import StepCallback, plan_batches
 
 _CPU = torch.device("cpu")
 

@@ -6,7 +6,9 @@ not only the weights. That is the weights and BatchNorm buffers, the optimizer's
 state (momentum, Adam moments and step counts), the epoch, the metrics so far, and every random
 stream the loop draws from: the torch CPU generator (Dropout, and what the model draws itself),
 the generator that orders each epoch's batches, and the CUDA generator of the device it trains
-on. The validation split needs no state: it is recomputed from the seed.
+on. Format 2 adds what the run's options carry from epoch to epoch: the learning-rate scheduler,
+the early-stopping counters and the best epoch with its weights (keep=best). The validation split
+needs no state: it is recomputed from the seed.
 
 The encoding needs no pickle: tensors (optimizer moments and RNG states included, the latter as
 uint8) are safetensors entries, and everything else (epoch, seed, metrics, the optimizer's
@@ -17,17 +19,19 @@ the whole state is one file that a single `os.replace` publishes.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
-FORMAT = "bnserve-train-state/1"
+# A state of another format is not resumed: the job starts over (`ResumeStore.load`).
+FORMAT = "bnserve-train-state/2"
 _MODEL = "model."
 _OPTIMIZER = "optimizer."
 _RNG = "rng."
+_BEST = "best."
 # Random streams: the global CPU generator, the batch-order generator, the CUDA device's.
 RNG_TORCH, RNG_ORDER, RNG_CUDA = "torch", "order", "cuda"
 
@@ -44,6 +48,12 @@ class TrainState:
     # The optimizer's `state_dict()["state"]`; param_groups come from the job's parameters.
     optimizer: dict[int, dict[str, Any]]
     rng: dict[str, torch.Tensor]
+    # `schedule.scheduler_state(...)`, or None without an lr_schedule.
+    scheduler: dict[str, Any] | None = None
+    # `EpochSelector.state()`: the best epoch so far and the early-stopping counters.
+    selection: dict[str, Any] = field(default_factory=dict)
+    # The best epoch's weights when they are not `model` (keep=best and an earlier epoch won).
+    best_model: dict[str, torch.Tensor] | None = None
 
 
 def capture_rng(order: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
@@ -81,12 +91,17 @@ def encode(state: TrainState, meta: dict[str, Any]) -> bytes:
                 plain.setdefault(str(pid), {})[key] = value
     for key, value in state.rng.items():
         tensors[_RNG + key] = _cpu_copy(value)
+    for key, value in (state.best_model or {}).items():
+        tensors[_BEST + key] = _cpu_copy(value)
     header = {
         "format": FORMAT,
         "epoch": state.epoch,
         "seed": state.seed,
         "metrics": state.metrics,
         "optimizer_values": plain,
+        "scheduler": state.scheduler,
+        "selection": state.selection,
+        "has_best_model": state.best_model is not None,
         "meta": meta,
     }
     data: bytes = safetensors_save(tensors, metadata={"bnserve": json.dumps(header)})
@@ -105,6 +120,7 @@ def decode(path: str) -> tuple[TrainState, dict[str, Any]]:
         model: dict[str, torch.Tensor] = {}
         optimizer: dict[int, dict[str, Any]] = {}
         rng: dict[str, torch.Tensor] = {}
+        best: dict[str, torch.Tensor] = {}
         for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
             tensor = handle.get_tensor(name)
             if name.startswith(_MODEL):
@@ -114,6 +130,8 @@ def decode(path: str) -> tuple[TrainState, dict[str, Any]]:
                 optimizer.setdefault(int(pid), {})[key] = tensor
             elif name.startswith(_RNG):
                 rng[name.removeprefix(_RNG)] = tensor
+            elif name.startswith(_BEST):
+                best[name.removeprefix(_BEST)] = tensor
     for pid_text, values in header["optimizer_values"].items():
         optimizer.setdefault(int(pid_text), {}).update(values)
     state = TrainState(
@@ -123,5 +141,8 @@ def decode(path: str) -> tuple[TrainState, dict[str, Any]]:
         model=model,
         optimizer=optimizer,
         rng=rng,
+        scheduler=header["scheduler"],
+        selection=dict(header["selection"]),
+        best_model=best if header["has_best_model"] else None,
     )
     return state, dict(header["meta"])

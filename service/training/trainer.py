@@ -1,8 +1,12 @@
 """Mini-batch training of a private model copy, reproducible from a seed and safe for BatchNorm.
 
-BatchNorm in train mode normalizes with the statistics of the current batch, so a batch of one
-sample has no variance to normalize by (PyTorch raises "Expected more than 1 value per channel
-when training"). Every batch here therefore has at least two samples: see `plan_batches`.
+Every batch has at least two samples (`batches.plan_batches`): BatchNorm in train mode cannot
+normalize a batch of one. Beside the optimizer the run takes the options of API.md: which epoch
+to keep and when to stop early (`selection`), a learning-rate schedule (`schedule`), and two BN
+practices for fine-tuning: `bn: "frozen"` keeps every BN layer in eval mode during the run, as
+detectron2's FrozenBatchNorm2d does, so small batches never feed it noisy statistics, and
+`precise_bn` recomputes the running statistics with the kept weights at the end, as fvcore's
+PreciseBN does, since the running averages that momentum leaves behind lag the final weights.
 """
 
 from __future__ import annotations
@@ -12,17 +16,21 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+# Re-exported: callers and tests reach these as `trainer.plan_batches`, `trainer.TrainParams`.
+from service.training.batches import StepCallback as StepCallback
+from service.training.batches import plan_batches as plan_batches
+from service.training.params import PreciseBN as PreciseBN
+from service.training.params import TrainParams as TrainParams
+from service.training.recalibration import recalibrate_bn
+from service.training.schedule import build_scheduler, restore_scheduler, scheduler_state
+from service.training.selection import EpochSelector, StopReason
 from service.training.state import TrainState, capture_rng, restore_rng
-
-# (epoch, step, steps): epochs and steps count from 1, `steps` is the number in this epoch.
-StepCallback = Callable[[int, int, int], None]
 
 TASKS = ("classification", "regression")
 
@@ -33,35 +41,6 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the weights are unusable, so the job must fail."""
 
 
-class TrainParams(BaseModel):
-    """A training job's hyperparameters, bounded so that a bad request fails before it queues."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    epochs: int = Field(ge=1, le=1000)
-    # A batch of one cannot pass through BatchNorm in train mode.
-    batch_size: int = Field(ge=2, le=65536)
-    lr: float = Field(gt=0, le=10)
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    # L2 through the optimizer's own weight_decay (decoupled for AdamW, Loshchilov & Hutter 2019).
-    weight_decay: float = Field(default=0.0, ge=0, lt=1)
-    # PyTorch optimizers have no L1 option; it is added to the loss by hand.
-    l1: float = Field(default=0.0, ge=0)
-    val_fraction: float = Field(default=0.2, ge=0, lt=1)
-    # Up to 2**63 - 1 so it fits a signed 64-bit database column.
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
-
-    @model_validator(mode="after")
-    def _momentum_only_for_sgd(self) -> TrainParams:
-        if self.optimizer != "sgd" and "momentum" in self.model_fields_set:
-            raise ValueError(
-                f"momentum applies to optimizer 'sgd' only; {self.optimizer!r} uses its own "
-                "moment estimates, so leave momentum out"
-            )
-        return self
-
-
 @dataclass(frozen=True)
 class EpochMetrics:
     """One epoch's losses as a job reports them; val fields are None without a validation split."""
@@ -70,6 +49,8 @@ class EpochMetrics:
     train_loss: float
     val_loss: float | None
     val_accuracy: float | None
+    # The learning rate every step of this epoch ran at.
+    lr: float
     # Wall time of the epoch, validation included (the metrics' epoch-duration histogram). Not
     # compared: two runs with the same seed have the same metrics but not the same durations.
     duration_s: float | None = field(default=None, compare=False)
@@ -85,9 +66,12 @@ class TrainResult:
     stopped: bool
     # Rows of the dataset held out for validation, so a serving version can be compared on them.
     val_indices: torch.Tensor
+    # Of the returned weights: the kept epoch's, or measured again after precise_bn.
     final_val_loss: float | None
     final_val_accuracy: float | None
     seed: int
+    kept_epoch: int = 0
+    stop_reason: StopReason = "completed"
 
 
 def _split_sizes(n: int, val_fraction: float) -> tuple[int, int]:
@@ -109,26 +93,6 @@ def split_dataset(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
     _, n_val = _split_sizes(n, val_fraction)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[n_val:], perm[:n_val]
-
-
-def plan_batches(n_train: int, batch_size: int) -> list[int]:
-    """Batch sizes for one epoch covering every sample once, none of them of size 1.
-
-    A remainder of one sample is merged into the previous batch (one batch of batch_size + 1)
-    rather than dropped, so every sample is seen every epoch; DataLoader's drop_last would
-    discard the whole remainder instead.
-    """
-    if n_train < 2:
-        raise ValueError(f"need at least 2 training samples for a batch; got {n_train}")
-    if batch_size < 2:
-        raise ValueError(f"batch_size must be at least 2; got {batch_size}")
-    full, rest = divmod(n_train, batch_size)
-    sizes = [batch_size] * full
-    if rest == 1:
-        sizes[-1] += 1  # full >= 1 here: n_train >= 2 and rest == 1 imply n_train > batch_size
-    elif rest:
-        sizes.append(rest)
-    return sizes
 
 
 def validate_trainable(n: int, params: TrainParams) -> None:
@@ -215,6 +179,26 @@ def _check_data(x: torch.Tensor, y: torch.Tensor, task: str) -> None:
         raise ValueError(f"regression needs floating-point targets; got {y.dtype}")
 
 
+def set_train_mode(model: nn.Module, bn: str) -> None:
+    """Train mode, except every BN layer under `bn: "frozen"`: it normalizes with its running
+    statistics and leaves them untouched (detectron2's FrozenBatchNorm2d), while its affine
+    parameters still get gradients."""
+    model.train()
+    if bn == "frozen":
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                m.eval()
+
+
+def precise_bn_rows(
+    train_idx: torch.Tensor, batches: int, batch_size: int, seed: int
+) -> torch.Tensor:
+    """The training rows precise_bn averages over: `batches` batches' worth, drawn with the seed."""
+    # seed + 2: a stream distinct from the split's (seed) and the batch order's (seed + 1).
+    perm = torch.randperm(train_idx.numel(), generator=torch.Generator().manual_seed(seed + 2))
+    return train_idx[perm[: batches * batch_size]]
+
+
 def train(
     model: nn.Module,
     x: torch.Tensor,
@@ -229,12 +213,12 @@ def train(
     resume: TrainState | None = None,
     on_state: Callable[[TrainState], None] | None = None,
 ) -> TrainResult:
-    """Train `model` in place on (x, y) and return its weights, metrics and validation split.
+    """Train `model` in place on (x, y) and return its kept weights, metrics and validation split.
 
     `model` must be the caller's private copy, never the object that serves predictions: it is
     moved to `device`, put in train mode and its weights and BatchNorm buffers change. It is left
-    in eval mode when this returns or raises. With the same seed and the same initial weights,
-    two runs on CPU give bit-identical weights.
+    in eval mode, holding the returned weights, when this returns or raises. With the same seed
+    and the same initial weights, two runs on CPU give bit-identical weights.
 
     `on_state` gets the full state at the end of every epoch (before `on_epoch`); `train(...,
     resume=that state)` with the same data and params continues after that epoch and ends with
@@ -259,6 +243,12 @@ def train(
 
     model.to(device)
     optimizer = _make_optimizer(model, params)
+    scheduler = (
+        build_scheduler(optimizer, params.lr_schedule, params.epochs)
+        if params.lr_schedule is not None
+        else None
+    )
+    selector = EpochSelector(task=task, keep=params.keep, early=params.early_stopping)
     # L1 on weight matrices and kernels only: biases and BatchNorm's gamma/beta are left out, as
     # is usual for weight penalties (they do not set the model's capacity the same way).
     l1_params = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -270,37 +260,33 @@ def train(
         optimizer.load_state_dict(
             {"state": resume.optimizer, "param_groups": optimizer.state_dict()["param_groups"]}
         )
+        if scheduler is not None and resume.scheduler is not None:
+            restore_scheduler(scheduler, optimizer, resume.scheduler)
         restore_rng(resume.rng, order_gen, device)
         metrics = [EpochMetrics(**m) for m in resume.metrics]
         done = resume.epoch
-
-    def result(stopped: bool) -> TrainResult:
-        last = metrics[-1] if metrics else None
-        weights = (
-            {}
-            if stopped
-            else {k: v.detach().to(_CPU, copy=True) for k, v in model.state_dict().items()}
-        )
-        return TrainResult(
-            state_dict=weights,
-            metrics=metrics,
-            stopped=stopped,
-            val_indices=val_idx,
-            final_val_loss=last.val_loss if last else None,
-            final_val_accuracy=last.val_accuracy if last else None,
-            seed=seed,
-        )
+        if resume.selection:
+            best = resume.best_model
+            if best is None and params.keep == "best":
+                # The best epoch was the saved one: its weights are the model's.
+                best = {k: v.detach().to(_CPU, copy=True) for k, v in resume.model.items()}
+            selector.restore(resume.selection, best)
 
     try:
+        reason: StopReason = "completed"
         for epoch in range(done + 1, params.epochs + 1):
+            if selector.should_stop:  # a resumed run whose last saved epoch stopped it
+                reason = "early_stopping"
+                break
             epoch_started = time.perf_counter()
-            model.train()
+            set_train_mode(model, params.bn)
+            lr = float(optimizer.param_groups[0]["lr"])
             order = train_idx[torch.randperm(train_idx.numel(), generator=order_gen)]
             loss_sum = 0.0
             start = 0
             for step, size in enumerate(sizes, start=1):
                 if should_stop():
-                    return result(stopped=True)
+                    return _stopped(metrics, val_idx, seed)
                 rows = order[start : start + size]
                 start += size
                 assert rows.numel() >= 2, "a batch of one must never reach BatchNorm in train mode"
@@ -315,13 +301,15 @@ def train(
                 if not math.isfinite(float(loss.detach())):
                     raise TrainingDiverged(
                         f"the loss became non-finite at epoch {epoch}, step {step}; lower lr "
-                        f"(now {params.lr}) or check the data's scale"
+                        f"(now {lr}) or check the data's scale"
                     )
                 torch.autograd.backward(loss)
                 optimizer.step()
                 loss_sum += float(data_loss.detach()) * size
                 if on_step is not None:
                     on_step(epoch, step, steps)
+            if scheduler is not None:
+                scheduler.step()
             val_loss: float | None = None
             val_acc: float | None = None
             if val_idx.numel():
@@ -332,9 +320,11 @@ def train(
                 train_loss=loss_sum / int(train_idx.numel()),
                 val_loss=val_loss,
                 val_accuracy=val_acc,
+                lr=lr,
                 duration_s=time.perf_counter() - epoch_started,
             )
             metrics.append(epoch_metrics)
+            selector.update(epoch, val_loss, val_acc, model.state_dict)
             if on_state is not None:
                 on_state(
                     TrainState(
@@ -344,13 +334,100 @@ def train(
                         model=model.state_dict(),
                         optimizer=optimizer.state_dict()["state"],
                         rng=capture_rng(order_gen, device),
+                        scheduler=(
+                            scheduler_state(scheduler, optimizer) if scheduler is not None else None
+                        ),
+                        selection=selector.state(),
+                        best_model=(
+                            None if selector.best_epoch == epoch else selector.best_weights
+                        ),
                     )
                 )
             if on_epoch is not None:
                 on_epoch(epoch_metrics)
-        return result(stopped=False)
+            if selector.should_stop:
+                reason = "early_stopping"
+                break
+        return _finish(
+            model,
+            x,
+            y,
+            task,
+            params,
+            seed,
+            train_idx,
+            val_idx,
+            metrics,
+            selector,
+            reason,
+            should_stop,
+            device,
+        )
     finally:
         model.eval()
+
+
+def _stopped(metrics: list[EpochMetrics], val_idx: torch.Tensor, seed: int) -> TrainResult:
+    # No weights: a cancelled job leaves no version behind.
+    return TrainResult(
+        state_dict={},
+        metrics=metrics,
+        stopped=True,
+        val_indices=val_idx,
+        final_val_loss=None,
+        final_val_accuracy=None,
+        seed=seed,
+    )
+
+
+def _finish(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    task: str,
+    params: TrainParams,
+    seed: int,
+    train_idx: torch.Tensor,
+    val_idx: torch.Tensor,
+    metrics: list[EpochMetrics],
+    selector: EpochSelector,
+    reason: StopReason,
+    should_stop: Callable[[], bool],
+    device: torch.device,
+) -> TrainResult:
+    """Put the kept epoch's weights in `model`, run precise_bn on them, and describe the result."""
+    kept = selector.kept_epoch
+    if kept != selector.last_epoch and selector.best_weights is not None:
+        model.load_state_dict(selector.best_weights)
+    chosen = metrics[kept - 1] if kept else None
+    val_loss = chosen.val_loss if chosen else None
+    val_acc = chosen.val_accuracy if chosen else None
+    if params.precise_bn is not None:
+        rows = precise_bn_rows(train_idx, params.precise_bn.batches, params.batch_size, seed)
+        done = recalibrate_bn(
+            model,
+            x[rows],
+            batch_size=params.batch_size,
+            should_stop=should_stop,
+            device=device,
+            seed=seed + 3,
+        )
+        if not done:
+            return _stopped(metrics, val_idx, seed)
+        if val_idx.numel():
+            # New statistics, new outputs: if_better must judge the weights it would publish.
+            val_loss, val_acc = evaluate(model, x[val_idx], y[val_idx], task)
+    return TrainResult(
+        state_dict={k: v.detach().to(_CPU, copy=True) for k, v in model.state_dict().items()},
+        metrics=metrics,
+        stopped=False,
+        val_indices=val_idx,
+        final_val_loss=val_loss,
+        final_val_accuracy=val_acc,
+        seed=seed,
+        kept_epoch=kept,
+        stop_reason=reason,
+    )
 
 
 def compare(new: tuple[float, float | None], old: tuple[float, float | None], task: str) -> bool:

@@ -44,6 +44,9 @@ class Cancelled(Exception):
 class Outcome:
     result_version: int
     promoted: bool
+    # Training jobs only: the epoch whose weights were published, and why the run ended.
+    kept_epoch: int | None = None
+    stop_reason: str | None = None
 
 
 @dataclass
@@ -58,7 +61,10 @@ class JobHooks:
     # A resumed job's metrics of the epochs it will not run again, with its progress.
     on_resume: Callable[[list[dict[str, Any]], dict[str, Any]], None] = lambda _m, _p: None
     # What records the job's result (promoted or not) inside the version's own transaction.
-    record_result: Callable[[bool], InTransaction | None] = lambda _promoted: None
+    # (promoted, kept epoch, stop reason) -> what records them in the version's transaction.
+    record_result: Callable[[bool, int | None, str | None], InTransaction | None] = (
+        lambda _promoted, _kept, _reason: None
+    )
 
 
 def resolve_base(job: JobRow, model: ModelRow) -> int | None:
@@ -174,6 +180,8 @@ def run_job(
         "hyperparameters": dict(job.params),
         "environment": environment(device),
     }
+    kept_epoch: int | None = None
+    stop_reason: str | None = None
     if job.kind == "recalibrate_bn":
         done = recalibrate_bn(
             module,
@@ -229,8 +237,11 @@ def run_job(
         lineage["metrics"] = {
             "val_loss": result.final_val_loss,
             "val_accuracy": result.final_val_accuracy,
+            "kept_epoch": result.kept_epoch,
+            "stop_reason": result.stop_reason,
             "epochs": [asdict(m) for m in result.metrics],
         }
+        kept_epoch, stop_reason = result.kept_epoch, result.stop_reason
         module.load_state_dict(result.state_dict)
         source, better = "train", True
         if job.promote == "if_better":
@@ -261,10 +272,15 @@ def run_job(
         note=f"job {job.id}",
         lineage=lineage,
         promote=promote,
-        in_transaction=hooks.record_result(promote),
+        in_transaction=hooks.record_result(promote, kept_epoch, stop_reason),
     )
     log.info("job %s stored %s version %d (promoted: %s)", job.id, model.name, row.version, promote)
-    return Outcome(result_version=row.version, promoted=promote)
+    return Outcome(
+        result_version=row.version,
+        promoted=promote,
+        kept_epoch=kept_epoch,
+        stop_reason=stop_reason,
+    )
 
 
 def _log_epoch(job_id: str, epochs: int, m: EpochMetrics, seconds: float) -> None:

@@ -154,7 +154,9 @@ class Worker:
                 f"job {job.id}: restore epochs",
                 lambda: self.queue.restore_epochs(job.id, self.id, metrics, resumed),
             ),
-            record_result=lambda promoted: result_recorder(job.id, self.id, promoted),
+            record_result=lambda promoted, kept, reason: result_recorder(
+                job.id, self.id, promoted, kept, reason
+            ),
         )
         thread = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
         thread.start()
@@ -192,6 +194,8 @@ class Worker:
                 "succeeded",
                 result_version=outcome.result_version,
                 promoted=outcome.promoted,
+                kept_epoch=outcome.kept_epoch,
+                stop_reason=outcome.stop_reason,
             )
         finally:
             # Only a job this worker ended: one taken from it may be resuming on another worker.

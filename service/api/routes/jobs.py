@@ -56,6 +56,11 @@ def _validated_params(body: JobCreate, num_samples: int) -> dict[str, Any]:
             "l1",
             "val_fraction",
             "seed",
+            "keep",
+            "early_stopping",
+            "lr_schedule",
+            "bn",
+            "precise_bn",
         },
         exclude_none=True,
     )
