@@ -70,10 +70,11 @@ class Settings(BaseSettings):
     # Threads for forward passes per process; each model (version) runs one pass at a time, so
     # these only let different models run side by side (serving/manager.py).
     FORWARD_THREADS: int = Field(4, ge=1, le=64)
-    # PyTorch intra-op threads for forward passes in each API process. 0: the cores this process
-    # gets (its share when BNSERVE_API_WORKERS > 1) less one for its event loop, at least 1. With
-    # one pass at a time per model, more threads than cores only make OpenMP's workers wait for
-    # each other; measured on 2 cores, 1 thread beat 2 for resnet18 lone and under load (README).
+    # PyTorch intra-op threads for forward passes in each API process. 0: the CPUs this process
+    # may use, shared out when BNSERVE_API_WORKERS > 1 (never more threads than cores, which only
+    # make OpenMP's workers wait for each other). Measured on 2 idle cores, 2 threads served
+    # resnet18 at 1.6x of 1 (README, Performance); 1 is better only where other busy processes
+    # share the cores.
     SERVE_THREADS: int = Field(0, ge=0, le=1024)
     # A prediction body's own limit, far below the upload limit and refused (413) before it is
     # read: 16 MiB holds a JSON batch of ~500 CIFAR-sized samples, or 1,300 as binary float32.
@@ -185,7 +186,7 @@ class Settings(BaseSettings):
     def serve_threads(self) -> int:
         if self.SERVE_THREADS:
             return self.SERVE_THREADS
-        return max(1, usable_cpus() // self.API_WORKERS - 1)
+        return max(1, usable_cpus() // self.API_WORKERS)
 
     def db_connections(self) -> int:
         """Pooled connections per process: one per database and upload thread, and two spare."""

@@ -14,10 +14,10 @@ from tests.conftest import make_settings
 from tests.helpers_api import running
 
 
-def test_the_default_leaves_a_core_for_the_event_loop(tmp_path: Path) -> None:
+def test_the_default_shares_the_cores_among_the_api_processes(tmp_path: Path) -> None:
     cpus = usable_cpus()
-    assert make_settings(tmp_path).serve_threads() == max(1, cpus - 1)
-    assert make_settings(tmp_path, API_WORKERS=2).serve_threads() == max(1, cpus // 2 - 1)
+    assert make_settings(tmp_path).serve_threads() == cpus
+    assert make_settings(tmp_path, API_WORKERS=2).serve_threads() == max(1, cpus // 2)
     assert make_settings(tmp_path, SERVE_THREADS=3).serve_threads() == 3
 
 
