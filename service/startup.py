@@ -123,7 +123,30 @@ def preflight(settings: Settings) -> torch.device:
         load_plugins(settings.ARCHITECTURE_PLUGINS)
     except ImportError as exc:
         raise StartupError(f"BNSERVE_ARCHITECTURE_PLUGINS: {exc}") from None
+    check_database(settings)
     return device
+
+
+def check_database(settings: Settings) -> None:
+    """A PostgreSQL server that cannot be reached (or refuses the login) stops the start here, in
+    one line, not in a traceback from the migrations. SQLite is not opened: that creates a file.
+
+    The URL is not printed: it may carry a password.
+    """
+    if not settings.database_url.startswith("postgresql"):
+        return
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    engine = create_engine(settings.database_url, connect_args={"connect_timeout": 10})
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0][:300]
+        raise StartupError(f"cannot use the database of BNSERVE_DATABASE_URL: {reason}") from None
+    finally:
+        engine.dispose()
 
 
 def exit_on_startup_error(exc: StartupError) -> NoReturn:

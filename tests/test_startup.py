@@ -123,3 +123,20 @@ def test_a_port_in_use_fails_before_anything_is_written(tmp_path, api_workers):
     (line,) = [x for x in _lines(result.stderr) if x.startswith("bnserve: ")]
     assert f"cannot listen on 127.0.0.1:{port} (BNSERVE_HOST, BNSERVE_PORT)" in line, line
     assert not data_dir.exists()
+
+
+def test_an_unreachable_database_fails_in_one_line_without_the_url(tmp_path):
+    """A PostgreSQL that refuses connections (nothing listens on the port): no migration
+    traceback, no password echoed, nothing written to the data dir."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # closed again: nothing listens there
+    url = f"postgresql://bnserve:s3cret-password@127.0.0.1:{port}/nowhere"
+    data_dir = tmp_path / "data"
+    result = _start("service", data_dir, BNSERVE_DATABASE_URL=url)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    (line,) = [x for x in _lines(result.stderr) if x.startswith("bnserve: ")]
+    assert line.startswith("bnserve: cannot use the database of BNSERVE_DATABASE_URL: "), line
+    assert "s3cret-password" not in result.stderr
+    assert not data_dir.exists()
