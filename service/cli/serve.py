@@ -58,6 +58,9 @@ DATABASE_URL = SettingOption(
 )
 DEVICE = SettingOption("--device", "DEVICE", "auto, cpu, cuda, cuda:N or mps")
 LOG_LEVEL = SettingOption("--log-level", "LOG_LEVEL", "log level", LOG_LEVELS)
+LOG_FORMAT = SettingOption(
+    "--log-format", "LOG_FORMAT", "text, or json: one object a line", click.Choice(["text", "json"])
+)
 PLUGINS = SettingOption(
     "--plugins", "ARCHITECTURE_PLUGINS", "comma-separated modules that register architectures"
 )
@@ -77,6 +80,7 @@ SERVE_OPTIONS = (
     SettingOption("--demo/--no-demo", "DEMO", "create and train a demo model on first start", bool),
     SettingOption("--access-log/--no-access-log", "ACCESS_LOG", "one log line per request", bool),
     LOG_LEVEL,
+    LOG_FORMAT,
 )
 WORKER_OPTIONS = (
     DATA_DIR,
@@ -88,6 +92,7 @@ WORKER_OPTIONS = (
     SettingOption("--poll-s", "WORKER_POLL_S", "seconds between looks at the queue", click.FLOAT),
     PLUGINS,
     LOG_LEVEL,
+    LOG_FORMAT,
 )
 
 
