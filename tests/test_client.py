@@ -122,3 +122,13 @@ def test_async_client(server: ThreadServer):
             assert (missing.value.status, missing.value.code) == (404, "version_not_found")
 
     asyncio.run(scenario())
+
+
+def test_the_client_imports_neither_torch_nor_the_database() -> None:
+    """So a script (or the CLI) that only talks to a server starts in a fraction of a second."""
+    import subprocess
+    import sys
+
+    code = "import sys, service.client; print(sorted({'torch', 'sqlalchemy'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

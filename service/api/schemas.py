@@ -9,9 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.names import NAME_PATTERN
 from service.preprocess.pipeline import Preprocess
+from service.training.options import EarlyStopping, LRSchedule
 from service.training.params import PreciseBN
-from service.training.schedule import LRSchedule
-from service.training.selection import EarlyStopping
 
 if TYPE_CHECKING:
     # Only for the `of` constructors: the client imports these models without the database.

@@ -10,8 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.training.schedule import LRSchedule, check_schedule
-from service.training.selection import EarlyStopping, Keep
+from service.training.options import EarlyStopping, Keep, LRSchedule, check_schedule
 
 
 class PreciseBN(BaseModel):

@@ -10,10 +10,9 @@ restarts).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.optim.lr_scheduler import (
     CosineAnnealingLR,
     LinearLR,
@@ -22,44 +21,7 @@ from torch.optim.lr_scheduler import (
     StepLR,
 )
 
-
-class LRSchedule(BaseModel):
-    """`step`: multiply by gamma every step_size epochs; `cosine`: anneal to 0 by the last one."""
-
-    # strict, as the API's JobCreate that nests it: "3" is not three epochs.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
-
-    kind: Literal["step", "cosine"]
-    warmup_epochs: int = Field(
-        default=0, ge=0, le=1000, description="epochs of linear warm-up from lr/(n+1) up to lr"
-    )
-    step_size: int | None = Field(
-        default=None, ge=1, le=1000, description="kind 'step': epochs between two decays"
-    )
-    gamma: float | None = Field(
-        default=None, gt=0, le=1, description="kind 'step': the factor of each decay (0.1)"
-    )
-
-    @model_validator(mode="after")
-    def _step_fields_for_step_only(self) -> LRSchedule:
-        if self.kind != "step" and (self.step_size is not None or self.gamma is not None):
-            raise ValueError("lr_schedule: step_size and gamma apply to kind 'step' only")
-        if self.kind == "step" and self.step_size is None:
-            raise ValueError("lr_schedule: kind 'step' needs step_size (epochs between decays)")
-        return self
-
-
-# StepLR's own default decay.
-DEFAULT_GAMMA = 0.1
-
-
-def check_schedule(schedule: LRSchedule, epochs: int) -> None:
-    """Refuse a warm-up that leaves no epoch for the schedule itself."""
-    if schedule.warmup_epochs >= epochs:
-        raise ValueError(
-            f"lr_schedule.warmup_epochs ({schedule.warmup_epochs}) must be fewer than epochs "
-            f"({epochs})"
-        )
+from service.training.options import DEFAULT_GAMMA, LRSchedule, check_schedule
 
 
 def build_scheduler(

@@ -15,23 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-Keep = Literal["best", "last"]
-StopReason = Literal["completed", "early_stopping"]
-
-
-class EarlyStopping(BaseModel):
-    # strict, as the API's JobCreate that nests it: "3" is not three epochs.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
-
-    patience: int = Field(ge=1, le=1000, description="epochs without improvement before stopping")
-    min_delta: float = Field(
-        default=0.0, ge=0, description="how much the validation loss must fall to count"
-    )
+from service.training.options import EarlyStopping, Keep
 
 
 def strictly_better(

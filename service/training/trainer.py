@@ -25,11 +25,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 # Re-exported: callers and tests reach these as `trainer.plan_batches`, `trainer.TrainParams`.
 from service.training.batches import StepCallback as StepCallback
 from service.training.batches import plan_batches as plan_batches
+from service.training.options import StopReason
 from service.training.params import PreciseBN as PreciseBN
 from service.training.params import TrainParams as TrainParams
 from service.training.recalibration import recalibrate_bn
 from service.training.schedule import build_scheduler, restore_scheduler, scheduler_state
-from service.training.selection import EpochSelector, StopReason
+from service.training.selection import EpochSelector
 from service.training.state import TrainState, capture_rng, restore_rng
 
 TASKS = ("classification", "regression")
