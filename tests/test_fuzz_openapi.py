@@ -46,7 +46,8 @@ SEED = 20240901
 SEMANTIC_REFUSALS = {
     ("POST", "/v1/models"): ["422"],  # the architecture must be registered, the config fit it
     ("POST", "/v1/models/{name}/versions"): ["400", "422"],  # a state_dict of that architecture
-    ("POST", "/v1/models/{name}/predict"): ["422"],  # inputs of the model's input shape
+    # Inputs of the model's input shape; images only for a model created with an image pipeline.
+    ("POST", "/v1/models/{name}/predict"): ["415", "422"],
     ("POST", "/v1/datasets"): ["400", "422"],  # an .npz or .safetensors file with x and y
     ("POST", "/v1/jobs"): ["422"],  # the dataset must fit the model, a train job needs lr...
     # The protocol's 400 for all of these: an `input` of the model's shape, known outputs.
