@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import ValidationError
@@ -85,12 +86,30 @@ def describe(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """`Settings(**overrides)` from the environment, or a `StartupError` saying what is wrong."""
+class FlagError(StartupError):
+    """A value given as a command-line option was refused: the CLI answers it as a usage error."""
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None, flags: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from the environment with `overrides` on top, or a `StartupError` saying why not.
+
+    When a refused value came from `overrides` (`flags` names the command-line option that gave
+    each setting), the error is a `FlagError` that names the options rather than the variables.
+    """
+    given = dict(overrides or {})
     try:
-        return Settings(**overrides)
+        return Settings(**given)
     except ValidationError as exc:
-        raise StartupError(describe(exc)) from None
+        if not {str(e["loc"][0]) for e in exc.errors() if e["loc"]} & set(given):
+            raise StartupError(describe(exc)) from None
+        lines = []
+        for error in exc.errors():
+            name = str(error["loc"][0]) if error["loc"] else ""
+            source = (flags or {}).get(name, name) if name in given else f"BNSERVE_{name}"
+            lines.append(f"{source}: {error['msg'].removeprefix('Value error, ')}")
+        raise FlagError("invalid setting: " + "; ".join(lines)) from None
 
 
 def available_devices() -> list[str]:

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import ValidationError
 
 from service.settings import Settings
-from service.startup import StartupError, describe, exit_on_startup_error
+from service.startup import FlagError, StartupError, exit_on_startup_error, load_settings
 
 
 @dataclass(frozen=True)
@@ -106,7 +105,14 @@ def with_settings(
             overrides = {
                 o.setting: given[o.param] for o in options if given.get(o.param) is not None
             }
-            run(load_settings(overrides, options))
+            flags = {o.setting: o.flag.split("/")[0] for o in options}
+            try:
+                settings = load_settings(overrides, flags)
+            except FlagError as exc:
+                raise click.UsageError(str(exc)) from None
+            except StartupError as exc:
+                exit_on_startup_error(exc)
+            run(settings)
 
         command.__doc__ = run.__doc__
         command.__name__ = run.__name__
@@ -115,23 +121,6 @@ def with_settings(
         return command
 
     return decorate
-
-
-def load_settings(overrides: dict[str, Any], options: tuple[SettingOption, ...] = ()) -> Settings:
-    """Settings from the environment and `overrides`; what is invalid is said in one line."""
-    flags = {o.setting: o.flag.split("/")[0] for o in options}
-    try:
-        return Settings(**overrides)
-    except ValidationError as exc:
-        given = {str(error["loc"][0]) for error in exc.errors() if error["loc"]} & set(overrides)
-        if not given:  # the environment's own: one line per variable, as the server says them
-            exit_on_startup_error(StartupError(describe(exc)))
-        lines = []
-        for error in exc.errors():
-            name = str(error["loc"][0]) if error["loc"] else ""
-            source = flags[name] if name in overrides else f"BNSERVE_{name}"
-            lines.append(f"{source}: {error['msg'].removeprefix('Value error, ')}")
-        raise click.UsageError("invalid setting: " + "; ".join(lines)) from None
 
 
 @click.command(context_settings=CONTEXT)
