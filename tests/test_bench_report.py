@@ -111,7 +111,7 @@ def test_ratios_per_round_then_median_and_targets():
     assert [t["met"] for t in low if "limit" in t["target"]] == [False]
 
 
-def test_image_row_is_the_median_of_per_round_png_over_tensor_ratios():
+def test_image_row_is_the_median_of_per_round_png_over_tensor_ratios() -> None:
     def rps(png: float, tensor: float) -> dict[str, dict[str, float]]:
         return {"png": {"rps": png}, "tensor": {"rps": tensor}}
 

@@ -165,9 +165,11 @@ def test_bad_images_and_bytes_are_4xx_and_the_model_keeps_serving(
         headers={"Inference-Header-Content-Length": str(len(head))},
     )
     v2_error(r, 400, "invalid_binary_data")
-    body = {"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES", "data": [b64]}]}
-    body["outputs"] = [{"name": "output", "parameters": {"classification": "two"}}]
-    v2_error(client.post("/v2/models/digits/infer", json=body), 400, "invalid_parameter")
+    body: dict[str, Any] = {
+        "inputs": [{"name": "input", "shape": [1], "datatype": "BYTES", "data": [b64]}]
+    }
+    bad_count = {**body, "outputs": [{"name": "output", "parameters": {"classification": "2"}}]}
+    v2_error(client.post("/v2/models/digits/infer", json=bad_count), 400, "invalid_parameter")
     serve(client, "vec")  # a tensor model: BYTES is refused, naming it
     message = v2_error(client.post("/v2/models/vec/infer", json=body), 400, "images_not_accepted")
     assert "'vec'" in message

@@ -81,7 +81,11 @@ class InferInputTensor(_Open):
 
 class InferRequestedOutput(_Open):
     name: str
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(
+        default=None,
+        description="`binary_data` (bool), `classification` (K >= 1: the K best classes as "
+        'BYTES strings "<value>:<index>[:<label>]", Triton\'s classification extension)',
+    )
 
 
 class InferRequest(_Open):

@@ -79,7 +79,8 @@ _INFER_DOC: dict[str, Any] = {
                 "schema": _BINARY,
                 "description": "binary tensor extension: the JSON request "
                 "(Inference-Header-Content-Length bytes), then each input's raw little-endian "
-                "bytes (its parameters.binary_data_size)",
+                "bytes (its parameters.binary_data_size); a BYTES input's elements (encoded "
+                "images) each as a 4-byte little-endian length, then that many bytes",
             },
         },
     },
