@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import generate_latest
 
-from bench import report
+from bench import images, report
 from bench.loadgen import summarize
 from bench.scrape import parse, served
 from service.metrics import Metrics
@@ -114,3 +114,15 @@ def test_ratios_per_round_then_median_and_targets():
     }
     low = report.targets({"resnet18": {**median, "bnserve/limit@64": 0.89}})
     assert [t["met"] for t in low if "limit" in t["target"]] == [False]
+
+
+def test_image_row_is_the_median_of_per_round_png_over_tensor_ratios() -> None:
+    def rps(png: float, tensor: float) -> dict[str, dict[str, float]]:
+        return {"png": {"rps": png}, "tensor": {"rps": tensor}}
+
+    rounds = [{"16": rps(50, 100)}, {"16": rps(90, 100)}, {"16": rps(160, 200)}]
+    row = images.summarize(rounds)["medians"]["16"]
+    assert row["png/tensor"] == pytest.approx(0.8)  # of 0.5, 0.9 and 0.8
+    assert (row["png_rps"], row["tensor_rps"]) == (90, 100)
+    assert images.round_order(0) != images.round_order(1)  # each body goes first in turn
+    assert "0.80" in images.table(images.summarize(rounds))
