@@ -15,6 +15,8 @@ weights with another pipeline. EXIF orientation is not applied, as torchvision's
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -33,11 +35,21 @@ def to_tensor(pipeline: ImagePipeline, image: Image.Image) -> torch.Tensor:
     pixels = np.asarray(image, dtype=np.uint8)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
-    tensor = torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
-    tensor = tensor.to(torch.float32).div(255)  # ToTensor
-    mean = torch.tensor(pipeline.mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(pipeline.std, dtype=torch.float32)[:, None, None]
-    return tensor.sub_(mean).div_(std)  # Normalize
+    return normalize(pixels, pipeline.mean, pipeline.std)
+
+
+def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """ToTensor then Normalize of uint8 (..., H, W, C) pixels: float32 (..., C, H, W).
+
+    The one definition of those two steps, for a served image and for a training batch alike.
+    In numpy, not torch: the trainer's loader threads call it, and torch ops there would each
+    start an OpenMP team of every core beside the training step. Same float32 arithmetic as
+    torchvision's `/ 255` and `(x - mean) / std`, so bit for bit the same values.
+    """
+    scaled = pixels.astype(np.float32) / np.float32(255)  # ToTensor
+    scaled -= np.asarray(mean, dtype=np.float32)
+    scaled /= np.asarray(std, dtype=np.float32)  # Normalize
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(scaled, -1, -3)))
 
 
 def resize(image: Image.Image, size: Size) -> Image.Image:
