@@ -113,8 +113,8 @@ def random_resized_crop_params(
     for _ in range(10):
         target_area = area * float(rng.uniform(options.scale[0], options.scale[1]))
         aspect_ratio = math.exp(float(rng.uniform(log_ratio[0], log_ratio[1])))
-        w = int(round(math.sqrt(target_area * aspect_ratio)))
-        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        w = round(math.sqrt(target_area * aspect_ratio))
+        h = round(math.sqrt(target_area / aspect_ratio))
         if 0 < w <= width and 0 < h <= height:
             top = int(rng.integers(0, height - h + 1))
             left = int(rng.integers(0, width - w + 1))
@@ -123,10 +123,10 @@ def random_resized_crop_params(
     in_ratio = width / height
     if in_ratio < min(ratio):
         w = width
-        h = int(round(w / min(ratio)))
+        h = round(w / min(ratio))
     elif in_ratio > max(ratio):
         h = height
-        w = int(round(h * max(ratio)))
+        w = round(h * max(ratio))
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w

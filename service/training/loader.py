@@ -12,8 +12,9 @@ The trainer keeps what it owns today, the batch order (its `order_gen`) and the 
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -120,7 +121,9 @@ class BatchLoader:
             epoch=epoch,
         )
 
-    def epoch(self, epoch: int, order: torch.Tensor, sizes: Sequence[int]) -> Iterator[Batch]:
+    def epoch(
+        self, epoch: int, order: torch.Tensor, sizes: Sequence[int]
+    ) -> Generator[Batch, None, None]:
         """The batches of one epoch: `order` (dataset rows) cut into `sizes`, in that order.
 
         Leaving the loop early (a cancelled job) drops the batches not yet taken; close the
@@ -130,7 +133,7 @@ class BatchLoader:
             raise ValueError(f"batch sizes add up to {sum(sizes)}, not {order.numel()} rows")
         rows = np.asarray(order, dtype=np.int64)
         cuts = np.cumsum([0, *sizes])
-        plan = [rows[start:end] for start, end in zip(cuts[:-1], cuts[1:], strict=True)]
+        plan = [rows[start:end] for start, end in itertools.pairwise(cuts)]
         if self._pool is None:
             for batch_rows in plan:
                 yield self._build(batch_rows, epoch)
