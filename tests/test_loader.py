@@ -158,3 +158,5 @@ def test_bad_inputs_are_refused() -> None:
         BatchLoader(
             _images(4), torch.arange(5), augment=None, mean=MEAN, std=STD, seed=0, threads=0
         )
+    with pytest.raises(ValueError, match="3 channel\\(s\\) but 1 mean/std"):
+        normalize(_images(1), [0.5], [0.5])
