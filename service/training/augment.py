@@ -189,9 +189,10 @@ def color_jitter(img: Image.Image, order: list[int], factors: dict[int, float]) 
 def adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
     """torchvision `F_pil.adjust_hue`: shift the H of HSV by hue_factor of a turn, mod 256.
 
-    torchvision adds `np.uint8(hue_factor * 255)`, which for a negative factor leans on a
-    float-to-uint8 cast C leaves undefined; this is the wrap-around that cast gives on x86:
-    truncate toward zero, then modulo 256. Gray images have no hue and come back unchanged.
+    torchvision adds `np.uint8(hue_factor * 255)` in uint8: the shift wraps around the circle.
+    For a negative factor that cast wrapped on numpy 1 and raises OverflowError on numpy 2, so
+    the shift is computed as numpy 1 did: truncated toward zero, then modulo 256. Gray images
+    have no hue and come back unchanged.
     """
     if img.mode == "L":
         return img

@@ -7,7 +7,20 @@ epoch, dataset row), so a batch is the same whichever thread built it, for any t
 a resumed job needs no loader state, and the same job trains the same weights.
 
 The trainer keeps what it owns today, the batch order (its `order_gen`) and the batch sizes
-(`batches.plan_batches`, no batch of one); this module only turns those rows into tensors.
+(`batches.plan_batches`, no batch of one); this module only turns those rows into tensors. It
+draws from numpy generators only, never torch's global one, which Dropout and the resume state
+read. In the epoch loop, in place of `x[rows]`:
+
+    with BatchLoader(images, y, augment=params.augment, mean=mean, std=std, seed=seed,
+                     threads=loader_threads) as loader:
+        ...
+        batches = loader.epoch(epoch, order, sizes)
+        try:
+            for step, (xb, yb) in enumerate(batches, start=1): ...
+        finally:
+            batches.close()
+
+and validation, never augmented: `normalize(images[val_idx.numpy()], mean, std)`.
 """
 
 from __future__ import annotations
