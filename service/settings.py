@@ -115,6 +115,10 @@ class Settings(BaseSettings):
     # PyTorch threads per worker; 0 shares this machine's cores among the server's workers, so
     # several workers do not oversubscribe the CPU (which slows each of them several-fold).
     WORKER_THREADS: int = Field(0, ge=0)
+    # Threads per worker that augment and normalize the next training batches of an image dataset
+    # while the step runs (training/loader.py); 0 builds each batch in the training thread. The
+    # batches are the same for any count (each sample's augmentation has its own seed).
+    LOADER_THREADS: int = Field(2, ge=0, le=64)
     # fp32 precision of CUDA matmuls and convolutions in the API and the workers: `ieee` (true
     # fp32) or `tf32` (tensor cores, ~1e-3 relative); the gate's and the optimizations' checks
     # loosen with it (service/serving/precision.py). PyTorch's own default runs convs in TF32.

@@ -159,6 +159,8 @@ INVALID = [
         id="warmup-not-shorter-than-epochs",
     ),
     pytest.param({"precise_bn": {"batches": 0}}, 422, "validation_error", id="precise-bn-zero"),
+    pytest.param({"augment": {"hflip": 2}}, 422, "validation_error", id="flip-probability-2"),
+    pytest.param({"augment": {}}, 422, "validation_error", id="augment-without-transforms"),
 ]
 
 
@@ -185,6 +187,7 @@ def test_job_creation_refuses_what_a_worker_would_trip_over(idle, setup, change,
         ({"early_stopping": {"patience": 0}}, "early_stopping.patience"),
         ({"lr_schedule": {"kind": "step", "step_size": 1, "gamma": 2}}, "lr_schedule.gamma"),
         ({"precise_bn": {"batches": -1}}, "precise_bn.batches"),
+        ({"augment": {"color_jitter": {"hue": 0.7}}}, "augment.color_jitter.hue"),
     ],
 )
 def test_a_bad_training_option_is_named(idle, setup, change, field):
@@ -207,7 +210,21 @@ def test_training_options_are_stored_with_the_job(idle, setup):
     defaults = get_job(idle, start_job(idle, model="m", dataset=setup["good"], **TRAIN))
     assert (defaults["params"]["keep"], defaults["params"]["bn"]) == ("best", "train")
     assert "early_stopping" not in defaults["params"]
+    assert "augment" not in defaults["params"]
     assert (defaults["kept_epoch"], defaults["stop_reason"]) == (None, None)
+
+
+def test_augment_is_stored_with_the_job(idle, setup):
+    # In params, so in the resume identity too. A tabular dataset for now: the 422 for datasets
+    # that are not images comes with them.
+    augment = {
+        "random_crop": {"size": 32, "padding": 4},
+        "hflip": 0.5,
+        "rotation": 15.0,
+        "color_jitter": {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.1},
+    }
+    job = start_job(idle, model="m", dataset=setup["good"], **TRAIN, augment=augment)
+    assert get_job(idle, job)["params"]["augment"] == augment
 
 
 def test_valid_job_is_queued(idle, setup):

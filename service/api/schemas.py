@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.names import NAME_PATTERN
 from service.preprocess.pipeline import Preprocess
-from service.training.options import EarlyStopping, LRSchedule
+from service.training.options import Augment, EarlyStopping, LRSchedule
 from service.training.params import PreciseBN
 
 if TYPE_CHECKING:
@@ -253,6 +253,13 @@ class JobCreate(BaseModel):
         description="after the last epoch, recompute BN running statistics with the kept "
         "weights over this many training batches",
         examples=[{"batches": 50}],
+    )
+    augment: Augment | None = Field(
+        default=None,
+        description="image datasets: torchvision's random transforms of these names, applied in "
+        "this order to the training split only (never validation or serving), drawn from the "
+        "job's seed",
+        examples=[{"random_crop": {"size": 32, "padding": 4}, "hflip": 0.5}],
     )
 
 

@@ -61,6 +61,7 @@ def _validated_params(body: JobCreate, num_samples: int) -> dict[str, Any]:
             "lr_schedule",
             "bn",
             "precise_bn",
+            "augment",
         },
         exclude_none=True,
     )
