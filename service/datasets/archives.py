@@ -15,6 +15,7 @@ import re
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -133,7 +134,24 @@ class Archive:
         self._infos: dict[str, zipfile.ZipInfo | tarfile.TarInfo] = {}
 
     def read(self, member: Member) -> bytes:
-        """One member's bytes, at most its declared size (zipfile enforces that for zips)."""
+        """One member's bytes, at most its declared size; 422 `unreadable_file` naming it."""
+        try:
+            return self._read(member)
+        except (
+            zipfile.BadZipFile,
+            tarfile.TarError,
+            zlib.error,
+            OSError,
+            EOFError,
+            RuntimeError,  # an encrypted zip member
+            NotImplementedError,  # a compression method zipfile does not have
+        ) as e:
+            raise InvalidDataset(
+                f"{shorten(member.name)!r} cannot be extracted: {shorten(str(e))}",
+                code="unreadable_file",
+            ) from None
+
+    def _read(self, member: Member) -> bytes:
         info = self._infos[member.name]
         if isinstance(info, zipfile.ZipInfo):
             assert isinstance(self._handle, zipfile.ZipFile)
