@@ -188,6 +188,7 @@ class DatasetPublic(BaseModel):
     id: str
     name: str
     kind: Literal["tensors", "images"] = Field(
+        default="tensors",
         description="'tensors': an .npz or .safetensors of x and y; 'images': a .zip or .tar "
         "of images in class folders"
     )
