@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from models import get_architecture
 from service.datasets.images import ImageLimits, images_to_tensor, load_image_samples
+from service.errors import InvalidDataset
 from service.preprocess.decode import decode_images
 from service.preprocess.pipeline import ImagePipeline
 from service.settings import Settings
@@ -379,3 +380,28 @@ def test_training_samples_are_the_tensors_predict_makes_of_the_same_files(
     served = decode_images([files[n] for n in sorted(files)], image, shape, max_pixels=4096**2)
     assert training.dtype == torch.float32
     assert torch.equal(training, served)
+
+
+def test_a_pipeline_without_a_fixed_size_must_fit_the_images(
+    client: httpx.Client, tmp_path: Path
+) -> None:
+    # No center_crop: 16 x 32 images resize to 28 x 56, which mnist_cnn cannot take.
+    wide = {
+        f"{k}/{i}.png": _encoded(Image.new("L", (32, 16), 40 * i))
+        for k in CLASSES
+        for i in range(3)
+    }
+    dataset = upload_dataset(client, _zip(wide), "wide.zip").json()
+    assert dataset["image_size"] == [16, 32]
+    _model(client, "short", {"mode": "L", "resize": 28, "mean": [0.5], "std": [0.5]}, num_classes=2)
+    job = {"model": "short", "dataset": dataset["id"], "epochs": 1, "lr": 0.01, "batch_size": 2}
+    body = assert_error(post_job(client, **job), 422, "shape_mismatch")
+    assert "[1, 28, 56]" in body["detail"]
+    # Images of several sizes: only the job can tell, and it names the first that differs.
+    mixed = tmp_path / "mixed.zip"
+    mixed.write_bytes(_zip({**wide, "square/9.png": _encoded(Image.new("L", (16, 16)))}))
+    pipeline = ImagePipeline(mode="L", resize=28, mean=[0.5], std=[0.5])
+    with pytest.raises(InvalidDataset) as refused:
+        load_image_samples(mixed, pipeline, ImageLimits(4096**2, 1 << 30, 1000), kind="zip")
+    assert refused.value.code == "image_size_mismatch"
+    assert "square/9.png" in refused.value.detail
