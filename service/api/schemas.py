@@ -190,7 +190,7 @@ class DatasetPublic(BaseModel):
     kind: Literal["tensors", "images"] = Field(
         default="tensors",
         description="'tensors': an .npz or .safetensors of x and y; 'images': a .zip or .tar "
-        "of images in class folders"
+        "of images in class folders",
     )
     num_samples: int
     x_shape: list[int] | None = Field(
