@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -31,6 +32,8 @@ ArchiveKind = Literal["zip", "tar"]
 _TAR_MAGIC_OFFSET = 257
 _COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+# The end-of-central-directory record is 22 bytes plus a comment of at most 65,535.
+_EOCD_SEARCH = 22 + 0xFFFF
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
@@ -54,7 +57,7 @@ def sniff_archive(path: Path) -> ArchiveKind | None:
     return None
 
 
-def image_archive_kind(path: Path, filename: str) -> ArchiveKind | None:
+def image_archive_kind(path: Path, filename: str, *, max_members: int) -> ArchiveKind | None:
     """Whether an upload is an image archive (`zip`, `tar`) or not (None: `.npz`/safetensors).
 
     Both `.npz` and image datasets are zips: a zip is an `.npz` when the client named it so or
@@ -65,6 +68,10 @@ def image_archive_kind(path: Path, filename: str) -> ArchiveKind | None:
     if kind == "zip":
         if filename.lower().endswith(".npz"):
             return None
+        # Before zipfile parses the directory: a 1 GB zip of empty entries is 20 million objects.
+        declared = zip_entry_count(path)
+        if declared is not None and declared > max_members:
+            raise _too_many(filename, max_members)
         try:
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()
@@ -82,6 +89,32 @@ def image_archive_kind(path: Path, filename: str) -> ArchiveKind | None:
                 code="unreadable_dataset",
             )
     return kind
+
+
+def zip_entry_count(path: Path) -> int | None:
+    """The entries a zip's end-of-central-directory record declares (zip64's too), or None."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        start = max(0, size - _EOCD_SEARCH)
+        f.seek(start)
+        tail = f.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) < at + 22:
+            return None
+        (count,) = struct.unpack("<H", tail[at + 10 : at + 12])
+        if count != 0xFFFF:
+            return int(count)
+        # zip64: a locator 20 bytes before the record points at the zip64 record.
+        locator = tail[at - 20 : at] if at >= 20 else b""
+        if not locator.startswith(b"PK\x06\x07"):
+            return None
+        (offset,) = struct.unpack("<Q", locator[8:16])
+        f.seek(offset)
+        record = f.read(56)
+    if not record.startswith(b"PK\x06\x06") or len(record) < 40:
+        return None
+    (total,) = struct.unpack("<Q", record[32:40])
+    return int(total)
 
 
 def _unsafe(filename: str, name: str, why: str) -> InvalidDataset:
@@ -188,6 +221,9 @@ def open_archive(
     """
     try:
         if kind == "zip":
+            declared = zip_entry_count(path)
+            if declared is not None and declared > max_members:
+                raise _too_many(filename, max_members)
             with zipfile.ZipFile(path) as zf:
                 archive = Archive("zip", zf)
                 infos = zf.infolist()

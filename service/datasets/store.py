@@ -79,7 +79,7 @@ class DatasetStore:
                 code="invalid_name",
                 limit=MAX_NAME_LENGTH,
             )
-        kind = image_archive_kind(upload, filename)
+        kind = image_archive_kind(upload, filename, max_members=self.image_limits.max_files)
         row = DatasetRow(id=uuid.uuid4().hex, size_bytes=upload.stat().st_size, created_at=utcnow())
         if kind is not None:
             info = scan_image_archive(upload, filename, kind, self.image_limits)
