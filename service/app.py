@@ -72,7 +72,12 @@ def build_services(settings: Settings) -> Services:
     registry = Registry(sessions, CheckpointStore(settings.checkpoint_dir, owner))
     registry.recover_store()
     datasets = DatasetStore(
-        settings.dataset_dir, owner, sessions, max_bytes=settings.max_dataset_bytes
+        settings.dataset_dir,
+        owner,
+        sessions,
+        max_bytes=settings.max_dataset_bytes,
+        max_image_pixels=settings.MAX_IMAGE_PIXELS,
+        max_files=settings.MAX_DATASET_FILES,
     )
     datasets.recover()
     owner.sweep(settings.upload_dir)

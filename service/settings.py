@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     MAX_UPLOAD_BYTES: int = Field(1 << 30, gt=0)
     # What a dataset's arrays may declare once decompressed; unset means MAX_UPLOAD_BYTES.
     MAX_DATASET_BYTES: int | None = Field(None, gt=0)
+    # Entries (files and folders) an image dataset's .zip or .tar may hold, counted from its
+    # directory (tar: header by header) before any image is read.
+    MAX_DATASET_FILES: int = Field(100_000, ge=2)
     # Threads that read, scan, check and store uploads, apart from the pools predictions use.
     UPLOAD_THREADS: int = Field(2, ge=1, le=64)
     # Threads for database calls per API process, apart from the pools that parse inputs and run

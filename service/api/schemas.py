@@ -187,10 +187,27 @@ class PredictResponse(BaseModel):
 class DatasetPublic(BaseModel):
     id: str
     name: str
+    kind: Literal["tensors", "images"] = Field(
+        default="tensors",
+        description="'tensors': an .npz or .safetensors of x and y; 'images': a .zip or .tar "
+        "of images in class folders",
+    )
     num_samples: int
-    x_shape: list[int]
+    x_shape: list[int] | None = Field(
+        description="N x sample shape; null for image datasets, whose samples take the shape "
+        "of the pipeline of the model trained on them"
+    )
     y_shape: list[int]
     y_kind: str
+    classes: list[str] | None = Field(
+        default=None,
+        description="image datasets: the class folders' names, sorted (label i is classes[i], "
+        "as torchvision's ImageFolder)",
+    )
+    image_size: list[int] | None = Field(
+        default=None,
+        description="image datasets: the [height, width] every image has, or null when they differ",
+    )
     sha256: str
     size_bytes: int
     created_at: datetime

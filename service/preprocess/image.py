@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from PIL import Image, ImageOps
 
@@ -26,6 +27,15 @@ from service.preprocess.pipeline import ImagePipeline, Size, pair
 
 def to_tensor(pipeline: ImagePipeline, image: Image.Image) -> torch.Tensor:
     """The float32 (C, H, W) tensor torchvision's Compose of these transforms would give."""
+    return normalize(to_pixels(pipeline, image), pipeline.mean, pipeline.std)
+
+
+def to_pixels(pipeline: ImagePipeline, image: Image.Image) -> npt.NDArray[np.uint8]:
+    """The uint8 (H, W, C) pixels after convert, Resize and CenterCrop: before ToTensor.
+
+    Training keeps images in this form (augmentations work on them), so that it and serving
+    both end in `normalize`, one code path for the same tensor.
+    """
     if image.mode != pipeline.mode:
         image = image.convert(pipeline.mode)
     if pipeline.resize is not None:
@@ -35,7 +45,7 @@ def to_tensor(pipeline: ImagePipeline, image: Image.Image) -> torch.Tensor:
     pixels = np.asarray(image, dtype=np.uint8)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
-    return normalize(pixels, pipeline.mean, pipeline.std)
+    return pixels
 
 
 def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -64,7 +64,12 @@ class Worker:
         self.owner = Owner(settings.DATA_DIR)
         self.registry = Registry(sessions, CheckpointStore(settings.checkpoint_dir, self.owner))
         self.datasets = DatasetStore(
-            settings.dataset_dir, self.owner, sessions, max_bytes=settings.max_dataset_bytes
+            settings.dataset_dir,
+            self.owner,
+            sessions,
+            max_bytes=settings.max_dataset_bytes,
+            max_image_pixels=settings.MAX_IMAGE_PIXELS,
+            max_files=settings.MAX_DATASET_FILES,
         )
         self.queue = JobQueue(sessions)
         self.states = ResumeStore(settings.resume_dir, self.owner)

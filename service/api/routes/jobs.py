@@ -14,6 +14,7 @@ from service.api.events import job_events, poll_interval
 from service.api.openapi import errors
 from service.api.schemas import JobCreate, JobPublic, JobSummary
 from service.architectures import check_architecture
+from service.datasets.image_jobs import check_image_job
 from service.datasets.reader import check_labels_for_model, check_shapes_for_model
 from service.db.tables import JobRow
 from service.errors import InvalidInput, NotServing
@@ -98,7 +99,8 @@ def _create(services: Services, body: JobCreate) -> JobRow:
 
     The rows answer every check but the class-id range, so a bad request is refused without
     touching the dataset's file; only then is its `y` read (never `x`, and never all of it twice:
-    the worker verifies the sha256 when it loads the whole dataset).
+    the worker verifies the sha256 when it loads the whole dataset). An image dataset's rows
+    answer every check: its labels are its class folders, checked on upload.
     """
     model = services.registry.get_model(body.model)
     arch = get_architecture(model.architecture)
@@ -113,15 +115,30 @@ def _create(services: Services, body: JobCreate) -> JobRow:
         raise NotServing(f"model {model.name!r} has no serving version to start from")
     if isinstance(base, int):
         services.registry.get_version(model.name, base)
-    check_shapes_for_model(
-        sample_shape=tuple(dataset_row.x_shape[1:]),
-        y_kind=dataset_row.y_kind,
-        y_shape=tuple(dataset_row.y_shape),
-        input_shape=tuple(config.input_shape()),
-        task=config.task,
-        num_outputs=config.num_outputs(),
-    )
-    if config.task == "classification":
+    if dataset_row.kind == "images":
+        check_image_job(
+            model_name=model.name,
+            job_kind=body.kind,
+            classes=list(dataset_row.classes or []),
+            image_size=dataset_row.image_size,
+            num_samples=dataset_row.num_samples,
+            preprocess=model.preprocess,
+            input_shape=tuple(config.input_shape()),
+            task=config.task,
+            num_outputs=config.num_outputs(),
+            class_labels=getattr(config, "class_labels", None),
+            max_bytes=services.settings.max_dataset_bytes,
+        )
+    else:
+        check_shapes_for_model(
+            sample_shape=tuple((dataset_row.x_shape or [])[1:]),
+            y_kind=dataset_row.y_kind,
+            y_shape=tuple(dataset_row.y_shape),
+            input_shape=tuple(config.input_shape()),
+            task=config.task,
+            num_outputs=config.num_outputs(),
+        )
+    if config.task == "classification" and dataset_row.kind != "images":
         check_labels_for_model(
             services.datasets.labels(dataset_row), num_outputs=config.num_outputs()
         )
