@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from models import get_architecture
 from service.datasets.images import ImageLimits, images_to_tensor, load_image_samples
@@ -28,48 +28,8 @@ from service.preprocess.pipeline import ImagePipeline
 from service.settings import Settings
 from tests.conftest import AUTH, ThreadServer
 from tests.helpers_api import assert_error, running
+from tests.helpers_images import CLASSES, SHAPES, drawing, encoded, shapes, zip_of
 from tests.helpers_jobs import WorkerThread, post_job, start_job, upload_dataset, wait_job, weights
-
-# 16 x 16 drawings made 28 x 28 by the pipeline: mnist_cnn's input.
-SHAPES = {"mode": "L", "resize": 28, "center_crop": 28, "mean": [0.2], "std": [0.3]}
-CLASSES = ["circle", "square"]
-
-
-def _drawing(kind: str, seed: int, size: int = 16, mode: str = "L") -> Image.Image:
-    """A white circle or square of random size and place on black."""
-    rng = np.random.default_rng(seed)
-    image = Image.new(mode, (size, size))
-    side = int(rng.integers(size // 3, size - 2))
-    x, y = (int(v) for v in rng.integers(0, size - side, 2))
-    draw = ImageDraw.Draw(image)
-    fill = "white" if mode != "L" else 255
-    (draw.ellipse if kind == "circle" else draw.rectangle)((x, y, x + side, y + side), fill=fill)
-    return image
-
-
-def _encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def _shapes(per_class: int = 4, prefix: str = "") -> dict[str, bytes]:
-    """circle/*.png and square/*.jpg (a JPEG per class too), `per_class` of each."""
-    files = {}
-    for c, kind in enumerate(CLASSES):
-        for i in range(per_class):
-            fmt = "JPEG" if i == 0 else "PNG"
-            name = f"{prefix}{kind}/{i:03d}.{fmt.lower()}"
-            files[name] = _encoded(_drawing(kind, seed=10 * c + i), fmt)
-    return files
-
-
-def _zip(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return buffer.getvalue()
 
 
 def _tar(files: dict[str, bytes], *extra: tarfile.TarInfo) -> bytes:
@@ -87,7 +47,7 @@ def _tar(files: dict[str, bytes], *extra: tarfile.TarInfo) -> bytes:
 def _zip_symlink() -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
-        for name, data in _shapes().items():
+        for name, data in shapes().items():
             zf.writestr(name, data)
         link = zipfile.ZipInfo("circle/evil.png")
         link.external_attr = 0o120777 << 16  # S_IFLNK: what `zip --symlinks` writes
@@ -103,7 +63,7 @@ def _link(name: str, kind: bytes, target: str = "") -> tarfile.TarInfo:
 
 def _bomb_png(width: int, height: int) -> bytes:
     """A valid 1x1 PNG whose header says `width` x `height` (correct CRC): a few dozen bytes."""
-    data = bytearray(_encoded(Image.new("L", (1, 1))))
+    data = bytearray(encoded(Image.new("L", (1, 1))))
     ihdr = bytearray(data[12:29])
     ihdr[4:12] = struct.pack(">II", width, height)
     data[12:29] = ihdr
@@ -136,12 +96,12 @@ def _model(
 @pytest.mark.parametrize(
     ("filename", "pack"),
     [
-        ("shapes.zip", lambda: _zip(_shapes())),
-        ("shapes.tar", lambda: _tar(_shapes())),
+        ("shapes.zip", lambda: zip_of(shapes())),
+        ("shapes.tar", lambda: _tar(shapes())),
         # One folder holding the class folders (zip -r shapes.zip shapes/), and macOS metadata.
         (
             "nested.zip",
-            lambda: _zip({**_shapes(prefix="shapes/"), "__MACOSX/shapes/._x.png": b"\0\1"}),
+            lambda: zip_of({**shapes(prefix="shapes/"), "__MACOSX/shapes/._x.png": b"\0\1"}),
         ),
     ],
 )
@@ -166,10 +126,10 @@ def test_an_archive_of_class_folders_is_an_image_dataset(
 
 
 def _corrupt() -> bytes:
-    return _zip(
+    return zip_of(
         {
-            **_shapes(),
-            "circle/cut.png": _encoded(_drawing("circle", 99))[:40],
+            **shapes(),
+            "circle/cut.png": encoded(drawing("circle", 99))[:40],
             "square/notes.png": b"not an image at all",
             "readme.txt": b"top-level file",
         }
@@ -179,48 +139,52 @@ def _corrupt() -> bytes:
 REFUSED = [
     pytest.param(
         "x.zip",
-        lambda: _zip({**_shapes(), "../evil.png": b"x"}),
+        lambda: zip_of({**shapes(), "../evil.png": b"x"}),
         422,
         "unsafe_archive",
         id="dotdot",
     ),
     pytest.param(
-        "x.zip", lambda: _zip({**_shapes(), "/etc/evil.png": b"x"}), 422, "unsafe_archive", id="abs"
+        "x.zip",
+        lambda: zip_of({**shapes(), "/etc/evil.png": b"x"}),
+        422,
+        "unsafe_archive",
+        id="abs",
     ),
     pytest.param("x.zip", _zip_symlink, 422, "unsafe_archive", id="zip-symlink"),
     pytest.param(
         "x.tar",
-        lambda: _tar(_shapes(), _link("circle/evil.png", tarfile.SYMTYPE, "/etc/passwd")),
+        lambda: _tar(shapes(), _link("circle/evil.png", tarfile.SYMTYPE, "/etc/passwd")),
         422,
         "unsafe_archive",
         id="tar-symlink",
     ),
     pytest.param(
         "x.tar",
-        lambda: _tar(_shapes(), _link("circle/hard.png", tarfile.LNKTYPE, "square/001.png")),
+        lambda: _tar(shapes(), _link("circle/hard.png", tarfile.LNKTYPE, "square/001.png")),
         422,
         "unsafe_archive",
         id="tar-hardlink",
     ),
     pytest.param(
         "x.tar",
-        lambda: _tar(_shapes(), _link("circle/dev.png", tarfile.CHRTYPE)),
+        lambda: _tar(shapes(), _link("circle/dev.png", tarfile.CHRTYPE)),
         422,
         "unsafe_archive",
         id="tar-device",
     ),
     pytest.param(
         "x.zip",
-        lambda: _zip({**_shapes(), "square/bomb.png": _bomb_png(50_000, 50_000)}),
+        lambda: zip_of({**shapes(), "square/bomb.png": _bomb_png(50_000, 50_000)}),
         422,
         "invalid_dataset",
         id="bomb",
     ),
     pytest.param("x.zip", _corrupt, 422, "invalid_dataset", id="corrupt-files-named"),
     pytest.param(
-        "x.tar.gz", lambda: gzip.compress(_tar(_shapes())), 422, "unreadable_dataset", id="tgz"
+        "x.tar.gz", lambda: gzip.compress(_tar(shapes())), 422, "unreadable_dataset", id="tgz"
     ),
-    pytest.param("x.zip", lambda: _zip({}), 422, "no_images", id="empty"),
+    pytest.param("x.zip", lambda: zip_of({}), 422, "no_images", id="empty"),
 ]
 
 
@@ -251,7 +215,7 @@ def test_refused_archives_name_the_problem_and_store_nothing(
 
 
 def test_archives_past_the_limits_are_413_before_any_image_is_read(tmp_path: Path) -> None:
-    files = _shapes()
+    files = shapes()
     with running(tmp_path / "data", MAX_DATASET_BYTES=4096, MAX_DATASET_FILES=12) as (srv, c):
         # The files declare more bytes than the limit (a tar stores them as they are).
         big = {**files, "circle/big.png": bytes(5000)}
@@ -259,20 +223,22 @@ def test_archives_past_the_limits_are_413_before_any_image_is_read(tmp_path: Pat
         assert "BNSERVE_MAX_DATASET_BYTES" in body["detail"]
         # Small files that each declare 40 x 40 pixels: 16 KB decoded in all, past 4096 bytes.
         many = {
-            f"{k}/{i}.png": _encoded(Image.new("L", (40, 40))) for k in CLASSES for i in range(5)
+            f"{k}/{i}.png": encoded(Image.new("L", (40, 40))) for k in CLASSES for i in range(5)
         }
-        assert_error(upload_dataset(c, _zip(many), "many.zip"), 413, "dataset_too_large")
+        assert_error(upload_dataset(c, zip_of(many), "many.zip"), 413, "dataset_too_large")
         crowded = {
-            f"{k}/{i}.png": _encoded(Image.new("L", (2, 2))) for k in CLASSES for i in range(7)
+            f"{k}/{i}.png": encoded(Image.new("L", (2, 2))) for k in CLASSES for i in range(7)
         }
-        body = assert_error(upload_dataset(c, _zip(crowded), "crowded.zip"), 413, "too_many_files")
+        body = assert_error(
+            upload_dataset(c, zip_of(crowded), "crowded.zip"), 413, "too_many_files"
+        )
         assert "BNSERVE_MAX_DATASET_FILES" in body["detail"]
         _assert_nothing_stored(c, srv)
-        assert upload_dataset(c, _zip(files), "ok.zip").status_code == 201
+        assert upload_dataset(c, zip_of(files), "ok.zip").status_code == 201
 
 
 def test_a_job_needs_an_image_pipeline_and_the_datasets_classes(client: httpx.Client) -> None:
-    dataset = upload_dataset(client, _zip(_shapes()), "shapes.zip").json()["id"]
+    dataset = upload_dataset(client, zip_of(shapes()), "shapes.zip").json()["id"]
     job = {"dataset": dataset, "epochs": 1, "lr": 0.01, "batch_size": 4}
     client.post("/v1/models", json={"name": "vec", "architecture": "mlp_bn"}, headers=AUTH)
     body = assert_error(post_job(client, model="vec", **job), 422, "no_image_pipeline")
@@ -295,8 +261,8 @@ def test_a_job_needs_an_image_pipeline_and_the_datasets_classes(client: httpx.Cl
 def test_a_job_trains_on_the_models_pipeline_names_the_labels_and_serves_images(
     settings: Settings, server: ThreadServer, client: httpx.Client
 ) -> None:
-    files = _shapes(per_class=6)
-    uploaded = upload_dataset(client, _zip(files), "shapes.zip").json()
+    files = shapes(per_class=6)
+    uploaded = upload_dataset(client, zip_of(files), "shapes.zip").json()
     dataset = uploaded["id"]
     _model(client, "shapes", num_classes=2)
     assert client.get("/v1/models/shapes").json()["labels"] == ["0", "1"]
@@ -345,7 +311,7 @@ def test_a_job_trains_on_the_models_pipeline_names_the_labels_and_serves_images(
 
     # Now named, the model takes another fresh-weight job on these classes, and none on others.
     others = {n.replace("square/", "triangle/"): d for n, d in files.items()}
-    other = upload_dataset(client, _zip(others), "others.zip").json()
+    other = upload_dataset(client, zip_of(others), "others.zip").json()
     assert other["classes"] == ["circle", "triangle"]
     job = {"model": "shapes", "epochs": 1, "lr": 0.01, "batch_size": 4}
     assert post_job(client, dataset=dataset, **job).status_code == 202
@@ -364,12 +330,12 @@ def test_training_samples_are_the_tensors_predict_makes_of_the_same_files(
 ) -> None:
     # Other sizes and modes than the model's: the pipeline converts, resizes and crops each.
     files = {
-        "circle/a.png": _encoded(_drawing("circle", 1, size=24, mode="RGB")),
-        "circle/b.jpeg": _encoded(_drawing("circle", 2, size=18), "JPEG"),
-        "square/c.png": _encoded(_drawing("square", 3, size=30, mode="RGBA")),
+        "circle/a.png": encoded(drawing("circle", 1, size=24, mode="RGB")),
+        "circle/b.jpeg": encoded(drawing("circle", 2, size=18), "JPEG"),
+        "square/c.png": encoded(drawing("square", 3, size=30, mode="RGBA")),
     }
     path = tmp_path / "d.zip"
-    path.write_bytes(_zip(files))
+    path.write_bytes(zip_of(files))
     image = ImagePipeline.model_validate(pipeline)
     samples = load_image_samples(path, image, ImageLimits(4096**2, 1 << 30, 1000), kind="zip")
     assert samples.images.dtype == np.uint8
@@ -387,11 +353,9 @@ def test_a_pipeline_without_a_fixed_size_must_fit_the_images(
 ) -> None:
     # No center_crop: 16 x 32 images resize to 28 x 56, which mnist_cnn cannot take.
     wide = {
-        f"{k}/{i}.png": _encoded(Image.new("L", (32, 16), 40 * i))
-        for k in CLASSES
-        for i in range(3)
+        f"{k}/{i}.png": encoded(Image.new("L", (32, 16), 40 * i)) for k in CLASSES for i in range(3)
     }
-    dataset = upload_dataset(client, _zip(wide), "wide.zip").json()
+    dataset = upload_dataset(client, zip_of(wide), "wide.zip").json()
     assert dataset["image_size"] == [16, 32]
     _model(client, "short", {"mode": "L", "resize": 28, "mean": [0.5], "std": [0.5]}, num_classes=2)
     job = {"model": "short", "dataset": dataset["id"], "epochs": 1, "lr": 0.01, "batch_size": 2}
@@ -399,7 +363,7 @@ def test_a_pipeline_without_a_fixed_size_must_fit_the_images(
     assert "[1, 28, 56]" in body["detail"]
     # Images of several sizes: only the job can tell, and it names the first that differs.
     mixed = tmp_path / "mixed.zip"
-    mixed.write_bytes(_zip({**wide, "square/9.png": _encoded(Image.new("L", (16, 16)))}))
+    mixed.write_bytes(zip_of({**wide, "square/9.png": encoded(Image.new("L", (16, 16)))}))
     pipeline = ImagePipeline(mode="L", resize=28, mean=[0.5], std=[0.5])
     with pytest.raises(InvalidDataset) as refused:
         load_image_samples(mixed, pipeline, ImageLimits(4096**2, 1 << 30, 1000), kind="zip")

@@ -214,17 +214,12 @@ def test_training_options_are_stored_with_the_job(idle, setup):
     assert (defaults["kept_epoch"], defaults["stop_reason"]) == (None, None)
 
 
-def test_augment_is_stored_with_the_job(idle, setup):
-    # In params, so in the resume identity too. A tabular dataset for now: the 422 for datasets
-    # that are not images comes with them.
-    augment = {
-        "random_crop": {"size": 32, "padding": 4},
-        "hflip": 0.5,
-        "rotation": 15.0,
-        "color_jitter": {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.1},
-    }
-    job = start_job(idle, model="m", dataset=setup["good"], **TRAIN, augment=augment)
-    assert get_job(idle, job)["params"]["augment"] == augment
+def test_augment_is_refused_for_a_dataset_of_tensors(idle, setup):
+    # Stored with the job (so in the resume identity) on image datasets: test_jobs_options.py.
+    augment = {"random_crop": {"size": 32, "padding": 4}, "hflip": 0.5}
+    r = post_job(idle, model="m", dataset=setup["good"], **TRAIN, augment=augment)
+    assert r.status_code == 422, r.text
+    assert r.json()["code"] == "augment_needs_images"
 
 
 def test_valid_job_is_queued(idle, setup):

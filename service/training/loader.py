@@ -29,6 +29,7 @@ import itertools
 from collections import deque
 from collections.abc import Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,6 +40,19 @@ from service.training.options import Augment
 
 # (x float32 [B, C, H, W], y rows of the labels)
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainingImages:
+    """An image dataset's pixels for a job that augments them: uint8 N x H x W x C at the
+    model's input size (its pipeline's convert, Resize and CenterCrop done), the pipeline's
+    Normalize, and the loader threads to build batches on."""
+
+    pixels: np.ndarray
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    threads: int
+
 
 # The augmentation's random stream, apart from the split's (seed), the batch order's (seed + 1),
 # precise_bn's rows (seed + 2) and its recalibration's (seed + 3).

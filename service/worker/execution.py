@@ -33,6 +33,7 @@ from service.preprocess.pipeline import Preprocess
 from service.publishing import prepare, publish
 from service.registry import InTransaction, Registry
 from service.serving.precision import current_precision
+from service.training.loader import TrainingImages
 from service.training.recalibration import recalibrate_bn
 from service.training.state import TrainState
 from service.training.trainer import EpochMetrics, TrainParams, compare, evaluate, train
@@ -144,6 +145,7 @@ def run_job(
     device: torch.device,
     hooks: JobHooks,
     states: ResumeStore | None = None,
+    loader_threads: int = 0,
 ) -> Outcome:
     model = registry.get_model(job.model_name)
     if model.id != job.model_id:
@@ -166,7 +168,10 @@ def run_job(
     require_running_stats(module, arch.name)
     if parent is not None and saved is None:
         module.load_state_dict(_weights(registry, model, parent))
-    data = training_data(datasets, dataset_row, model)
+    augments = job.kind == "train" and bool(job.params.get("augment"))
+    data, images = training_data(
+        datasets, dataset_row, model, loader_threads=loader_threads if augments else None
+    )
     epochs = int(job.params.get("epochs") or 1)
 
     clock = StepClock(epochs)
@@ -236,6 +241,7 @@ def run_job(
             device=device,
             resume=saved[0] if saved is not None else None,
             on_state=on_state,
+            images=images,
         )
         if result.stopped:
             raise Cancelled
@@ -296,23 +302,36 @@ def run_job(
     )
 
 
-def training_data(datasets: DatasetStore, row: DatasetRow, model: ModelRow) -> Dataset:
+def training_data(
+    datasets: DatasetStore, row: DatasetRow, model: ModelRow, *, loader_threads: int | None = None
+) -> tuple[Dataset, TrainingImages | None]:
     """The job's samples as float tensors: a tensor dataset's x, or an image dataset's images
-    through the model's pipeline (the same `normalize` that serving ends in) with their labels.
+    through the model's pipeline (the same `normalize` that serving ends in) with their labels;
+    with `loader_threads` (a job that augments), an image dataset's pixels too, for the loader
+    threads that augment them.
     """
     if row.kind != "images":
-        return datasets.load(row)
+        return datasets.load(row), None
     if not model.preprocess:
         raise ValueError(f"model {model.name!r} has no image pipeline for an image dataset")
     pipeline = Preprocess.model_validate(model.preprocess).image
     samples = datasets.load_images(row, pipeline)
     if list(samples.classes) != list(row.classes or []):
         raise ValueError("the dataset's class folders differ from its recorded classes")
-    return Dataset(
+    data = Dataset(
         x=images_to_tensor(samples.images, pipeline),
         y=torch.from_numpy(samples.labels),
         y_kind="class",
     )
+    if loader_threads is None:
+        return data, None
+    images = TrainingImages(
+        pixels=samples.images,
+        mean=tuple(pipeline.mean),
+        std=tuple(pipeline.std),
+        threads=loader_threads,
+    )
+    return data, images
 
 
 def _with_labels(record: InTransaction | None, model: ModelRow, labels: list[str]) -> InTransaction:

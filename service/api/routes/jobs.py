@@ -18,6 +18,7 @@ from service.datasets.image_jobs import check_image_job
 from service.datasets.reader import check_labels_for_model, check_shapes_for_model
 from service.db.tables import JobRow
 from service.errors import InvalidInput, NotServing
+from service.training.options import check_augment
 from service.training.trainer import TrainParams, validate_trainable
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -138,6 +139,7 @@ def _create(services: Services, body: JobCreate) -> JobRow:
             task=config.task,
             num_outputs=config.num_outputs(),
         )
+    _check_augment(body, dataset_row.kind, tuple(config.input_shape()))
     if config.task == "classification" and dataset_row.kind != "images":
         check_labels_for_model(
             services.datasets.labels(dataset_row), num_outputs=config.num_outputs()
@@ -151,6 +153,22 @@ def _create(services: Services, body: JobCreate) -> JobRow:
         params=params,
         promote=body.promote,
     )
+
+
+def _check_augment(body: JobCreate, dataset_kind: str, input_shape: tuple[int, ...]) -> None:
+    """Augmentation transforms images: refused (422) for tensors, or when it cannot keep the
+    model's input size (the batches are the model's input)."""
+    if body.augment is None:
+        return
+    if dataset_kind != "images":
+        raise InvalidInput(
+            "augment applies to image datasets (a .zip or .tar of class folders); this dataset "
+            "holds tensors, which have no pixels to crop, flip or jitter",
+            code="augment_needs_images",
+        )
+    problem = check_augment(body.augment, input_shape[-2], input_shape[-1])
+    if problem is not None:
+        raise InvalidInput(f"augment: {problem}", code="invalid_augment")
 
 
 @router.post("", status_code=202, dependencies=[WriteAuth], responses=errors(404, 409, 422))
