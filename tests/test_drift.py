@@ -8,6 +8,7 @@ import io
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from models import get_architecture
-from service.serving.drift import DRIFT_LAYERS, DriftProbe
+from service.serving.drift import DRIFT_LAYERS, DriftMonitor, DriftProbe
 from service.serving.loaded import build_loaded
 from service.serving.optimize import OptimizeOptions
 from tests.conftest import AUTH, pt_bytes, reference_model, trained_state_dict, upload
@@ -100,6 +101,63 @@ def test_a_loaded_version_keeps_only_the_stem_and_serves_the_folded_module() -> 
     x = torch.randn(4, 3, 8, 8)
     want = reference_model("resnet18", state_dict, **config)(x).detach()
     torch.testing.assert_close(loaded.forward(x), want, rtol=1e-4, atol=1e-4)
+
+
+def _settled_mlp() -> nn.Module:
+    """mlp_bn whose BN statistics are exactly those of N(0, 1) inputs (a cumulative average)."""
+    arch = get_architecture("mlp_bn")
+    torch.manual_seed(0)
+    model = arch.build(arch.parse_config({}))
+    for bn in model.modules():
+        if isinstance(bn, _BatchNorm):
+            bn.momentum = None
+    model.train()
+    with torch.no_grad():
+        for _ in range(8):
+            model(torch.randn(256, 2))
+    return model.eval()
+
+
+def test_batches_of_one_are_scored_and_the_alarm_warns_once_then_clears(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    probe = DriftProbe.build(_settled_mlp(), (2,), CPU)
+    assert probe is not None
+    with ThreadPoolExecutor(1) as executor:
+        monitor = DriftMonitor(
+            probe, rate=1.0, threshold=1.0, executor=executor, model="m", version=1
+        )
+    g = torch.Generator().manual_seed(3)
+    with caplog.at_level(logging.INFO, logger="service.serving.drift"):
+        readings = [monitor.measure(torch.randn(1, 2, generator=g)) for _ in range(64)]
+        # A variance needs more than one value: no score until 16 values per channel are
+        # pooled (16 samples of a BatchNorm1d); then in-distribution scores stay low.
+        assert [r.score is None for r in readings[:16]] == [True] * 15 + [False]
+        assert all(r.score is not None and r.score < 0.5 for r in readings[15:]), readings[-1]
+        assert not any(r.alarm for r in readings)
+        shifted = [monitor.measure(torch.randn(1, 2, generator=g) * 50 + 20) for _ in range(64)]
+        assert shifted[-1].alarm
+        assert shifted[-1].score is not None
+        assert shifted[-1].score > 100
+        # Fixed: once the window holds only good samples again, the alarm clears.
+        back = [monitor.measure(torch.randn(1, 2, generator=g)) for _ in range(40)]
+        assert back[-1].alarm is False
+        assert back[-1].batches == 168
+    records = [r for r in caplog.records if r.name == "service.serving.drift"]
+    assert [r.levelno for r in records] == [logging.WARNING, logging.INFO]
+
+
+def test_the_sample_rate_measures_that_share_of_the_batches() -> None:
+    probe = DriftProbe.build(_settled_mlp(), (2,), CPU)
+    assert probe is not None
+    with ThreadPoolExecutor(1) as executor:
+        monitor = DriftMonitor(
+            probe, rate=0.25, threshold=1.0, executor=executor, model="m", version=1
+        )
+        for _ in range(40):
+            monitor.offer(torch.randn(4, 2))
+            executor.submit(lambda: None).result()  # FIFO: the measurement, if any, is done
+    assert monitor.reading.batches == 10
 
 
 # --- through a real server ---------------------------------------------------------------------

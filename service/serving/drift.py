@@ -18,23 +18,24 @@ forward on that thread, never the request's latency.
 
 The score (`DriftMonitor`), per BN layer and channel c, with u = (x - running_mean_c) /
 sqrt(running_var_c + eps) the input standardized by the running statistics: the live mean m_c
-and variance v_c of u are pooled over the sampled batches (sums weighted by the values each
-batch had per channel, decayed by `1 - 1/DRIFT_WINDOW` per sample of each new batch, so they
-follow the last ~`DRIFT_WINDOW` samples whatever the batch sizes), and compared with N(0, 1), the
-training inputs, by the symmetric KL divergence of two Gaussians,
+and variance v_c of u are pooled over the newest sampled batches that hold at least
+`DRIFT_WINDOW` samples (sums of u and u^2 over every value, so batches weigh by their size; a
+batch of 64 is a window of its own), and compared with N(0, 1), the training inputs, by the
+symmetric KL divergence of two Gaussians,
 J_c = 0.5 (r + 1/r - 2) + 0.5 m_c^2 (1 + 1/r), r = (var_c + eps) / (running_var_c + eps)
 with var_c the live variance of x (the live variance over the running one, eps added to both as
-BN does; in u's units r = v_c + eps / (running_var_c + eps)). Pooling means a change
-of inputs shows after ~1.5 windows (~50 measured samples: the old ones must decay first).
+BN does; in u's units r = v_c + eps / (running_var_c + eps)). Pooling means a change of
+inputs shows once it fills part of the window (for [0, 1] pixels, ~half of it), and is gone
+once the window turned over.
 A layer's score is the mean of J_c over its channels; the version's score the mean over the
 layers. 0 is identical statistics. J = 1 is a mean shifted by ~0.7 running standard deviations
 or a spread about doubled (r ~ 4). Measured on every built-in architecture (BN statistics settled
 on N(0, 1) inputs, 40 sampled batches of 1 and of 8): inputs from the same distribution 0.000-0.17
-(mlp_bn with batches of one the highest: one value per channel and sample), x * 1.5 0.13-0.47,
-x + 0.5 0.11-0.49, x * 0.29 + 0.5 (what [0, 1] pixels are to a model trained on normalized ones)
-3.3-30, x * 50 + 20 1,400-3,000. The drawn-shapes CNN of tests/test_drift.py scores ~0.5 while
-its pool holds one or two images, 0.01-0.06 after that, and 7.5 on its images without the
-Normalize. Hence the default threshold 1.0.
+(mlp_bn the highest: one value per channel and sample), x * 1.5 0.17-0.47, x + 0.5 0.11-0.49,
+x * 0.29 + 0.5 (what [0, 1] pixels are to a model trained on normalized ones) 3.3-30,
+x * 50 + 20 1,400-3,000. The drawn-shapes CNN of tests/test_drift.py scores ~0.4 while
+its pool holds one to three images, 0.01-0.06 after that, and 7.5 on its images without the
+Normalize (crossing 1.0 after 28 of them). Hence the default threshold 1.0.
 
 A batch of one is measured like any other: its values per channel (one for a BatchNorm1d, H x W
 for a BatchNorm2d) join the pool, so a lone sample is a valid, noisy estimate and the pool is
@@ -53,6 +54,7 @@ import copy
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager, suppress
@@ -68,7 +70,7 @@ log = logging.getLogger(__name__)
 
 # BN layers measured: the first ones in forward order, which see the inputs least transformed.
 DRIFT_LAYERS = 2
-# Samples the pooled statistics follow: each measured sample decays the pool by 1 - 1/DRIFT_WINDOW.
+# Samples the pooled statistics cover: the newest sampled batches that hold at least this many.
 DRIFT_WINDOW = 32
 # Values per channel pooled before a score is given (a variance needs more than one value).
 MIN_VALUES = 16.0
@@ -266,30 +268,34 @@ class DriftReading:
 
 
 class _Pool:
-    """One layer's standardized input statistics pooled over the sampled batches (EWMA)."""
+    """One layer's standardized input statistics over the last sampled batches that hold at
+    least `DRIFT_WINDOW` samples (a window, not an EWMA: 0-255 inputs make u ~ 1e3, and an EWMA's
+    tail of them kept the score above the threshold for hundreds of samples after a fix)."""
 
     def __init__(self, layer: _Layer) -> None:
         self.layer = layer
         self._scale = (layer.running_var + layer.eps).sqrt()
         self._eps_ratio = layer.eps / (layer.running_var + layer.eps)
-        self.weight = 0.0
-        self._sum = torch.zeros_like(layer.running_mean)  # of u, weighted by values
-        self._sum_sq = torch.zeros_like(layer.running_mean)  # of u^2
+        # Per batch: samples, values per channel, and per channel the sums of u and of u^2.
+        self._batches: deque[tuple[int, int, torch.Tensor, torch.Tensor]] = deque()
+        self._samples = 0
 
     def add(self, stats: BatchStats) -> None:
-        decay = (1.0 - 1.0 / DRIFT_WINDOW) ** stats.samples
-        z = (stats.mean - self.layer.running_mean) / self._scale
+        z = (stats.mean - self.layer.running_mean) / self._scale  # mean of u over the batch
         second = stats.var / self._scale**2 + z**2  # mean of u^2 over the batch
-        self.weight = decay * self.weight + stats.count
-        self._sum = decay * self._sum + stats.count * z
-        self._sum_sq = decay * self._sum_sq + stats.count * second
+        self._batches.append((stats.samples, stats.count, stats.count * z, stats.count * second))
+        self._samples += stats.samples
+        while self._samples - self._batches[0][0] >= DRIFT_WINDOW:
+            self._samples -= self._batches.popleft()[0]
 
     def score(self) -> float | None:
         """Mean over channels of the symmetric KL divergence from the running statistics."""
-        if self.weight < MIN_VALUES:
+        count = sum(batch[1] for batch in self._batches)
+        if count < MIN_VALUES:
             return None
-        m = self._sum / self.weight
-        v = (self._sum_sq / self.weight - m**2).clamp(min=0.0)
+        m = torch.stack([batch[2] for batch in self._batches]).sum(0) / count
+        second = torch.stack([batch[3] for batch in self._batches]).sum(0) / count
+        v = (second - m**2).clamp(min=0.0)
         r = (v + self._eps_ratio).clamp(min=1e-12)
         kl = 0.5 * (r + 1 / r - 2) + 0.5 * m**2 * (1 + 1 / r)
         return float(kl.mean())

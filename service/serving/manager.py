@@ -507,11 +507,10 @@ class ModelManager:
     def _drift_monitor(self, loaded: LoadedModel) -> DriftMonitor | None:
         if loaded.probe is None or self._drift_executor is None:
             return None
-        on_drift = self.on_drift
 
         def on_reading(reading: DriftReading) -> None:
-            if on_drift is not None:
-                on_drift(loaded.name, loaded.version, reading.score)
+            if self.on_drift is not None:
+                self.on_drift(loaded.name, loaded.version, reading.score)
 
         return DriftMonitor(
             loaded.probe,
