@@ -325,6 +325,9 @@ def test_normalized_images_stay_under_the_threshold_and_unnormalized_tensors_cro
         torch.testing.assert_close(torch.tensor(r.json()["outputs"]), want, rtol=1e-4, atol=1e-4)
         listed = client.get("/v1/models/shapes/versions").json()
         assert listed[0]["input_drift"]["alarm"] is True
+        # A deleted model's gauge goes with it.
+        assert client.delete("/v1/models/shapes", headers=AUTH).status_code == 204
+        assert _gauge(client, "shapes") is None
     warnings = [
         r.getMessage()
         for r in caplog.records
