@@ -10,7 +10,7 @@ printed and written to JSON with every round's figures. The in-process limit is 
 requests/s against the same samples sent as JSON tensors, as the median per-round ratio.
 
     .venv/bin/python bench/serving.py [--seconds 10] [--rounds 3] [--models resnet18,mlp_bn]
-        [--clients 1,16,64] [--contenders bnserve,naive,litserve,noop] [--malloc-off]
+        [--clients 1,16,64] [--contenders bnserve,naive,litserve,noop] [--malloc-off] [--drift]
         [--variant NAME:VAR=VALUE,...] [--env VAR=VALUE] [--threads N] [--images]
         [--json bench/results/serving.json]
 """
@@ -54,6 +54,9 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
 # bnserve tunes glibc's allocator itself at start (service/serving/allocator.py, on by default);
 # `--malloc-off` adds bnserve with glibc's defaults, to measure what the tuning buys.
 MALLOC_OFF_ENV = {"BNSERVE_MALLOC_TUNING": "false"}
+# `--drift` adds bnserve with the input-drift alarm measuring 5% of the batches (issue 15: it must
+# cost under 5% of throughput); the report gives `bnserve+drift/bnserve` per client count.
+DRIFT_ENV = {"BNSERVE_DRIFT_SAMPLE_RATE": "0.05"}
 
 CONTENDERS = ("bnserve", "naive", "litserve", "noop")
 CONTENDER_MODULES = {
@@ -94,6 +97,11 @@ def parse_args() -> argparse.Namespace:
         help="also bnserve with glibc's default allocator (BNSERVE_MALLOC_TUNING=false)",
     )
     parser.add_argument(
+        "--drift",
+        action="store_true",
+        help="also bnserve with input-drift sampling on (BNSERVE_DRIFT_SAMPLE_RATE=0.05)",
+    )
+    parser.add_argument(
         "--variant",
         type=variant,
         action="append",
@@ -124,6 +132,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("--images measures bnserve: keep bnserve in --contenders")
     if args.malloc_off:
         args.variant.append(("bnserve-malloc", MALLOC_OFF_ENV))
+    if args.drift:
+        args.variant.append(("bnserve+drift", DRIFT_ENV))
     args.bnserve_env = {k: v for pairs in args.env for k, v in pairs.items()}
     return args
 

@@ -105,6 +105,7 @@ def build_services(settings: Settings) -> Services:
     manager.on_loaded = metrics.loaded_changed
     manager.on_load_failure = lambda name: metrics.version_load_failures.labels(name).inc()
     manager.on_forget = metrics.forget_model
+    manager.on_drift = metrics.drift_measured
     return Services(
         settings=settings,
         registry=registry,

@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import socket
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -229,6 +230,15 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="liveall",
         )
+        self.input_drift = Gauge(
+            "bnserve_input_drift",
+            "Input-drift score of each loaded version: live inputs of its first BN layers "
+            "against their running statistics (mean symmetric KL per channel; with "
+            "BNSERVE_DRIFT_SAMPLE_RATE > 0, once enough values are pooled)",
+            ["model", "version"],
+            registry=self.registry,
+            multiprocess_mode="liveall",
+        )
         self.swaps = Counter(
             "bnserve_swaps",
             "Serving-version swaps in this process",
@@ -253,6 +263,10 @@ class Metrics:
         self._answered: dict[tuple[str, int, str], tuple[Counter, Histogram]] = {}
         self._batches: dict[str, tuple[Histogram, Histogram, Histogram]] = {}
         self._loaded: set[tuple[str, int]] = set()
+        # Drift scores are set from the drift thread: the lock keeps one from landing on a
+        # version that the loop has just unloaded (a label set no one would remove).
+        self._drift_lock = threading.Lock()
+        self._drifted: set[tuple[str, int]] = set()
 
     @property
     def multiprocess(self) -> bool:
@@ -321,7 +335,20 @@ class Metrics:
             self._remove(self.loaded_bytes, key[0], str(key[1]))
         for (model, version), nbytes in loaded.items():
             self.loaded_bytes.labels(model, str(version)).set(nbytes)
-        self._loaded = set(loaded)
+        with self._drift_lock:
+            self._loaded = set(loaded)
+            for key in self._drifted - self._loaded:
+                self._remove(self.input_drift, key[0], str(key[1]))
+                self._drifted.discard(key)
+
+    def drift_measured(self, model: str, version: int, score: float | None) -> None:
+        """A version's drift score after a measurement (any thread); None: not enough data yet."""
+        key = (model, version)
+        with self._drift_lock:
+            if score is None or key not in self._loaded:
+                return
+            self.input_drift.labels(model, str(version)).set(score)
+            self._drifted.add(key)
 
     def forget_model(self, model: str) -> None:
         """Drop a deleted model's label sets from this process's metrics.
@@ -333,9 +360,13 @@ class Metrics:
             del self._answered[answered]
         self._batches.pop(model, None)
         self._remove(self.serving_version, model)
-        for key in [k for k in self._loaded if k[0] == model]:
-            self._remove(self.loaded_bytes, key[0], str(key[1]))
-            self._loaded.discard(key)
+        with self._drift_lock:
+            for key in [k for k in self._loaded if k[0] == model]:
+                self._remove(self.loaded_bytes, key[0], str(key[1]))
+                self._loaded.discard(key)
+            for key in [k for k in self._drifted if k[0] == model]:
+                self._remove(self.input_drift, key[0], str(key[1]))
+                self._drifted.discard(key)
         if self._multiprocess_dir is not None:
             return
         for metric in (self.samples, self.latency, self.queue_wait, self.compute):

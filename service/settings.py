@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     MAX_PINNED_LOADS: int = Field(1, ge=1, le=64)
     # How often each API process reads the serving versions from the database.
     SYNC_INTERVAL_S: float = Field(1.0, gt=0, le=60)
+    # Share of served batches whose inputs are compared with the first BN layers' running
+    # statistics (service/serving/drift.py); 0 (default) builds no probe and costs nothing.
+    DRIFT_SAMPLE_RATE: float = Field(0.0, ge=0, le=1)
+    # Drift score (mean symmetric KL per channel) past which the alarm turns on and one warning
+    # is logged; ~0-0.2 for inputs like the training data, ~5+ for unnormalized pixels.
+    DRIFT_THRESHOLD: float = Field(1.0, gt=0)
 
     # Training workers.
     WORKER_POLL_S: float = Field(0.5, gt=0)

@@ -82,6 +82,22 @@ class ModelCreate(BaseModel):
     )
 
 
+class InputDrift(BaseModel):
+    """The version's input-drift alarm where this process has it loaded (BNSERVE_DRIFT_*)."""
+
+    score: float | None = Field(
+        description="mean symmetric KL divergence per channel between the live inputs of the "
+        "first BN layers and their running statistics (~0 for inputs like the training data); "
+        "null until enough values are pooled"
+    )
+    threshold: float = Field(description="BNSERVE_DRIFT_THRESHOLD")
+    alarm: bool = Field(description="the score passed the threshold (and has not fallen back)")
+    batches: int = Field(description="sampled batches measured since the version loaded here")
+    layers: dict[str, float | None] = Field(
+        default_factory=dict, description="each measured BN layer's score, by module name"
+    )
+
+
 class VersionPublic(BaseModel):
     version: int
     sha256: str
@@ -94,6 +110,8 @@ class VersionPublic(BaseModel):
     serving: bool
     # The serving-time optimizations applied where this process has the version loaded; else null.
     optimizations: dict[str, Any] | None = None
+    # Null where the version is not loaded here or BNSERVE_DRIFT_SAMPLE_RATE is 0.
+    input_drift: InputDrift | None = None
 
     @classmethod
     def of(
@@ -101,6 +119,7 @@ class VersionPublic(BaseModel):
         row: VersionRow,
         serving_version: int | None,
         optimizations: dict[str, Any] | None = None,
+        input_drift: dict[str, Any] | None = None,
     ) -> VersionPublic:
         return cls(
             version=row.version,
@@ -113,6 +132,7 @@ class VersionPublic(BaseModel):
             lineage=row.lineage,
             serving=row.version == serving_version,
             optimizations=optimizations,
+            input_drift=InputDrift.model_validate(input_drift) if input_drift else None,
         )
 
 

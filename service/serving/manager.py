@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,6 +62,7 @@ from service.loops import PeriodicLoop
 from service.registry import Identity, Registry
 from service.serving.batcher import Admission, Batcher, RowsRefused
 from service.serving.device import release_memory
+from service.serving.drift import DriftMonitor, DriftReading, lower_priority
 from service.serving.loaded import LoadedModel, build_loaded
 from service.serving.optimize import OptimizeOptions
 from service.settings import Settings
@@ -113,6 +115,8 @@ class Handle:
     # Most samples one request may send before its answer would pass BNSERVE_MAX_RESPONSE_VALUES
     # (outputs, and probabilities for classifiers): one integer comparison per request.
     max_rows: int
+    # Samples its batches for the input-drift alarm; None when BNSERVE_DRIFT_SAMPLE_RATE is 0.
+    drift: DriftMonitor | None = None
 
     def too_large(self, n: int, limit: int) -> ResponseTooLarge:
         """The 413 for `n` samples, whose answer would pass `limit` values (n > max_rows)."""
@@ -159,7 +163,9 @@ def response_too_large(n: int, per_sample: int, limit: int) -> ResponseTooLarge:
     )
 
 
-def with_probabilities(loaded: LoadedModel) -> Callable[[torch.Tensor], torch.Tensor]:
+def with_probabilities(
+    loaded: LoadedModel, drift: DriftMonitor | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """The batcher's forward: for classifiers, outputs and softmax side by side, `[out | p]`.
 
     The softmax then runs once per batch on the forward thread instead of once per request on
@@ -167,11 +173,17 @@ def with_probabilities(loaded: LoadedModel) -> Callable[[torch.Tensor], torch.Te
     check that every value is finite (NumPy's, a few us a batch where torch.isfinite took ~50):
     rows that overflowed to Inf or NaN are refused (`RowsRefused`), the rest of the batch is
     answered as usual, so no answer ever carries `null` for a number.
+
+    With `drift`, each batch is offered to it once its outputs exist (inputs that overflow are
+    the ones most worth measuring); it measures on its own thread. Without, nothing is checked.
     """
     classifier = loaded.is_classifier
+    offer = drift.offer if drift is not None else None
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         out = loaded.forward(x)
+        if offer is not None:
+            offer(x)
         rows = torch.cat([out, torch.softmax(out, dim=1)], dim=1) if classifier else out
         finite = np.isfinite(rows.numpy())
         if not finite.all():
@@ -204,6 +216,12 @@ class ModelManager:
             max_workers=forward_threads(settings), thread_name_prefix="forward"
         )
         self.admission = Admission(settings.MAX_QUEUED_SAMPLES)
+        # One niced thread measures sampled batches for the drift alarm, only when it is on.
+        self._drift_executor = (
+            ThreadPoolExecutor(1, thread_name_prefix="drift", initializer=lower_priority)
+            if settings.DRIFT_SAMPLE_RATE > 0
+            else None
+        )
         self._serving: dict[str, Handle] = {}
         self._cache: OrderedDict[tuple[str, int], Handle] = OrderedDict()
         self._wanted: dict[str, Identity] = {}
@@ -226,6 +244,8 @@ class ModelManager:
         self.on_load_failure: Callable[[str], None] | None = None
         self.on_forget: Callable[[str], None] | None = None
         self.on_loaded: Callable[[dict[tuple[str, int], int]], None] | None = None
+        # Each drift measurement (model, version, score or None); called on the drift thread.
+        self.on_drift: Callable[[str, int, float | None], None] | None = None
 
     # Life cycle
 
@@ -239,6 +259,8 @@ class ModelManager:
         for handle in [*self._serving.values(), *self._cache.values()]:
             await handle.batcher.close()
         self._executor.shutdown(wait=True)
+        if self._drift_executor is not None:
+            self._drift_executor.shutdown(wait=True, cancel_futures=True)
 
     def lock(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Loads, promotes and syncs of one model, one at a time (held only while in use)."""
@@ -471,15 +493,34 @@ class ModelManager:
 
     def _new_handle(self, loaded: LoadedModel) -> Handle:
         name = loaded.name
+        drift = self._drift_monitor(loaded)
         batcher = Batcher(
-            with_probabilities(loaded),
+            with_probabilities(loaded, drift),
             max_batch=self._max_batch.get(name, self._settings.MAX_BATCH_SIZE),
             executor=self._executor,
             admission=self.admission,
             on_batch=None if self.on_batch is None else functools.partial(self.on_batch, name),
         )
         per_sample = loaded.config.num_outputs() * (2 if loaded.is_classifier else 1)
-        return Handle(loaded, batcher, self._settings.MAX_RESPONSE_VALUES // per_sample)
+        return Handle(loaded, batcher, self._settings.MAX_RESPONSE_VALUES // per_sample, drift)
+
+    def _drift_monitor(self, loaded: LoadedModel) -> DriftMonitor | None:
+        if loaded.probe is None or self._drift_executor is None:
+            return None
+
+        def on_reading(reading: DriftReading) -> None:
+            if self.on_drift is not None:
+                self.on_drift(loaded.name, loaded.version, reading.score)
+
+        return DriftMonitor(
+            loaded.probe,
+            rate=self._settings.DRIFT_SAMPLE_RATE,
+            threshold=self._settings.DRIFT_THRESHOLD,
+            executor=self._drift_executor,
+            model=loaded.name,
+            version=loaded.version,
+            on_reading=on_reading,
+        )
 
     async def _load_confirmed(
         self, name: str, version: int, model_id: str | None = None
@@ -642,9 +683,20 @@ class ModelManager:
             }
         return out
 
-    def loaded_report(self, name: str, version: int) -> dict[str, object] | None:
-        """What serving-time optimizations a version loaded here has; None if not loaded here."""
+    def _loaded_handle(self, name: str, version: int) -> Handle | None:
         serving = self._serving.get(name)
         handle = serving if serving is not None and serving.version == version else None
-        handle = handle or self._cache.get((name, version))
+        return handle or self._cache.get((name, version))
+
+    def loaded_report(self, name: str, version: int) -> dict[str, object] | None:
+        """What serving-time optimizations a version loaded here has; None if not loaded here."""
+        handle = self._loaded_handle(name, version)
         return None if handle is None else handle.loaded.optimizations.as_dict()
+
+    def drift_report(self, name: str, version: int) -> dict[str, Any] | None:
+        """The input-drift reading of a version loaded here; None if not loaded here or drift
+        sampling is off."""
+        handle = self._loaded_handle(name, version)
+        if handle is None or handle.drift is None:
+            return None
+        return handle.drift.reading.as_dict()

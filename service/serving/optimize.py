@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from service.errors import GateFailed
+from service.serving.drift import DRIFT_LAYERS
 from service.serving.folding import NotFoldable, count_batchnorm, fold_batchnorm
 from service.serving.gate import run_gate
 from service.serving.precision import TOLERANCES, current_precision, tolerances
@@ -63,10 +64,17 @@ class OptimizeOptions:
     compile: bool = False
     warm_batch: int = 64
     channels_last: bool | None = None
+    # BN layers the load keeps a drift probe of (`drift.py`), cut from the plain module before
+    # it is dropped; 0: none (BNSERVE_DRIFT_SAMPLE_RATE 0).
+    drift_layers: int = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OptimizeOptions:
-        return cls(compile=settings.COMPILE, warm_batch=settings.MAX_BATCH_SIZE)
+        return cls(
+            compile=settings.COMPILE,
+            warm_batch=settings.MAX_BATCH_SIZE,
+            drift_layers=DRIFT_LAYERS if settings.DRIFT_SAMPLE_RATE > 0 else 0,
+        )
 
 
 @dataclass

@@ -94,15 +94,27 @@ async def upload_version(name: str, request: Request, services: ServicesDep) -> 
         raise
     finally:
         services.metrics.uploads.labels(outcome).inc()
-    return VersionPublic.of(row, serving, services.manager.loaded_report(name, row.version))
+    manager = services.manager
+    return VersionPublic.of(
+        row,
+        serving,
+        manager.loaded_report(name, row.version),
+        manager.drift_report(name, row.version),
+    )
 
 
 @router.get("", dependencies=[ReadAuth], responses=errors(404))
 async def list_versions(name: str, services: ServicesDep) -> list[VersionPublic]:
     model = await services.db.run(services.registry.get_model, name)
-    report = services.manager.loaded_report
+    manager = services.manager
     return [
-        VersionPublic.of(v, model.serving_version, report(name, v.version)) for v in model.versions
+        VersionPublic.of(
+            v,
+            model.serving_version,
+            manager.loaded_report(name, v.version),
+            manager.drift_report(name, v.version),
+        )
+        for v in model.versions
     ]
 
 
@@ -110,8 +122,13 @@ async def list_versions(name: str, services: ServicesDep) -> list[VersionPublic]
 async def get_version(name: str, version: VersionNumber, services: ServicesDep) -> VersionPublic:
     model = await services.db.run(services.registry.get_model, name)
     row = await services.db.run(services.registry.get_version, name, version)
-    optimizations = services.manager.loaded_report(name, version)
-    return VersionPublic.of(row, model.serving_version, optimizations)
+    manager = services.manager
+    return VersionPublic.of(
+        row,
+        model.serving_version,
+        manager.loaded_report(name, version),
+        manager.drift_report(name, version),
+    )
 
 
 @router.get(
