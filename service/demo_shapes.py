@@ -62,8 +62,8 @@ def draw_shape(kind: str, rng: np.random.Generator, size: int = SIZE) -> Image.I
     big = size * SUPERSAMPLE
     image = Image.new("RGB", (big, big), background)
     draw = ImageDraw.Draw(image)
-    # Radius of the circle the shape fills or is inscribed in: from a fifth to nearly half the side.
-    r = rng.uniform(0.22, 0.45) * big
+    # Radius of the circle the shape fills or is inscribed in: a quarter to nearly half the side.
+    r = rng.uniform(0.25, 0.45) * big
     cx, cy = rng.uniform(r, big - r, 2)
     angle = rng.uniform(0, 2 * math.pi)
     if kind == "circle":

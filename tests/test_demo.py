@@ -63,7 +63,9 @@ def test_shapes_demo_trains_and_names_held_out_drawings_sent_as_png(tmp_path: Pa
     """The demo's own seeding, smaller: its model learns shapes from its pipeline's tensors."""
     with running(tmp_path / "data") as (srv, client):
         s = srv.app_services
-        assert seed_shapes(s.settings, s.registry, s.datasets, s.jobs, s.owner, samples=2000)
+        assert seed_shapes(
+            s.settings, s.registry, s.datasets, s.jobs, s.owner, samples=3000, epochs=6
+        )
         model = client.get(f"/v1/models/{SHAPES_MODEL}").json()
         assert model["preprocess"] == {"image": SHAPES_PIPELINE.model_dump(mode="json")}
         assert model["labels"] == list(KINDS)
