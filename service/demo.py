@@ -48,7 +48,7 @@ MARKER = "demo-seeded"
 # drawings keep every shape's grey level away from its background's (`demo_shapes.MIN_CONTRAST`).
 SHAPES_PIPELINE = ImagePipeline(mode="L", resize=28, mean=[0.5], std=[0.25])
 # 4000 drawings (800 of them the validation split) and 8 epochs: 96% right on held-out drawings,
-# 37-100 s of training on 2 cores that other work kept busy, 1.35 s an epoch on nearly free ones.
+# 29-100 s of training on 2 cores that other work kept busy, 1.35 s an epoch on nearly free ones.
 SHAPES_SAMPLES = 4000
 SHAPES_EPOCHS = 8
 
