@@ -207,8 +207,8 @@ def test_refused_archives_name_the_problem_and_store_nothing(
             assert named == {"square/bomb.png": "image_too_large"}
         else:
             assert named == {
-                "circle/cut.png": "invalid_image",
-                "square/notes.png": "invalid_image",
+                "circle/cut.png": "bad_image",
+                "square/notes.png": "bad_image",
                 "readme.txt": "not_in_class_folder",
             }
     _assert_nothing_stored(client, server)

@@ -197,8 +197,8 @@ def _sixteen_bit() -> bytes:
 
 
 BAD = [
-    pytest.param(lambda: _png(_picture((28, 28), "L"))[:60], 422, "invalid_image", id="truncated"),
-    pytest.param(lambda: b"this is not an image at all", 422, "invalid_image", id="not-an-image"),
+    pytest.param(lambda: _png(_picture((28, 28), "L"))[:60], 422, "bad_image", id="truncated"),
+    pytest.param(lambda: b"this is not an image at all", 422, "bad_image", id="not-an-image"),
     pytest.param(_gif, 415, "unsupported_image_format", id="gif"),
     pytest.param(_animated_png, 422, "animated_image", id="animated"),
     pytest.param(_sixteen_bit, 422, "unsupported_image_mode", id="16-bit"),

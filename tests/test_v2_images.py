@@ -137,8 +137,8 @@ def test_bad_images_and_bytes_are_4xx_and_the_model_keeps_serving(
         return client.post("/v2/models/digits/infer", json={"inputs": [{**tensor, "data": data}]})
 
     b64 = base64.b64encode(good).decode()
-    v2_error(send([b64[:40] + "!!" + b64[40:]], [1]), 400, "invalid_image")  # not base64
-    v2_error(send([base64.b64encode(corrupt).decode()], [1]), 400, "invalid_image")
+    v2_error(send([b64[:40] + "!!" + b64[40:]], [1]), 400, "bad_image")  # not base64
+    v2_error(send([base64.b64encode(corrupt).decode()], [1]), 400, "bad_image")
     v2_error(send([base64.b64encode(_gif()).decode()], [1]), 400, "unsupported_image_format")
     v2_error(
         send([base64.b64encode(_bomb_png(50_000, 50_000)).decode()], [1]), 413, "image_too_large"

@@ -382,7 +382,7 @@ def _from_base64(item: Any, i: int, n: int) -> bytes:
     except (binascii.Error, ValueError):
         raise InvalidInput(
             f"{_what(i, n)} is not base64: BYTES data in JSON are base64-encoded images",
-            code="invalid_image",
+            code="bad_image",
         ) from None
 
 

@@ -53,7 +53,7 @@ def image_header(data: bytes, *, max_pixels: int, what: str = "the image") -> Im
         raise _too_large(what, None, max_pixels) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise InvalidInput(
-            f"{what} is not a readable PNG, JPEG or WebP image", code="invalid_image"
+            f"{what} is not a readable PNG, JPEG or WebP image", code="bad_image"
         ) from None
     width, height = image.size
     if width * height > max_pixels:
@@ -79,7 +79,7 @@ def load_image(image: Image.Image, *, what: str = "the image") -> Image.Image:
         image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InvalidInput(
-            f"{what} is truncated or corrupt ({str(exc)[:120]})", code="invalid_image"
+            f"{what} is truncated or corrupt ({str(exc)[:120]})", code="bad_image"
         ) from None
     return image
 
