@@ -149,9 +149,16 @@ def test_train_follows_the_job_to_its_outcome(run, settings, tmp_path: Path):
     finally:
         worker.stop()
     assert result.exit_code == 0, result.output
-    assert "succeeded: version 1 (promoted)" in result.stdout
-    for epoch in (1, 2, 3):  # one line per epoch, above the bar
-        assert f"epoch {epoch}  train loss" in result.stderr
+    # keep "best" by default: the epoch it kept, and why the run ended (issue 16's fields)
+    assert "succeeded: version 1 (promoted), epoch " in result.stdout
+    assert " kept, completed" in result.stdout
+    for epoch in (1, 2, 3):  # one line per epoch, above the bar, with its learning rate
+        line = next(t for t in result.stderr.splitlines() if t.startswith(f"epoch {epoch}  "))
+        assert "train loss" in line
+        assert line.endswith("lr 0.05")
+    listed = run("jobs")
+    assert listed.exit_code == 0, listed.output
+    assert "completed" in listed.stdout
 
 
 def _python_m_service(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:

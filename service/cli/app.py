@@ -356,7 +356,11 @@ def _follow(bn: Client, job_id: str) -> None:
         )
         raise click.exceptions.Exit(exits.INTERRUPTED) from None
     promoted = " (promoted)" if job.promoted else ""
-    version = f"{job.result_version}{promoted}" if job.result_version is not None else None
+    kept = f", epoch {job.kept_epoch} kept" if job.kept_epoch is not None else ""
+    stopped = f", {job.stop_reason.replace('_', ' ')}" if job.stop_reason else ""
+    version = (
+        f"{job.result_version}{promoted}{kept}{stopped}" if job.result_version is not None else None
+    )
     _finish(job.id, job.status, job.error, version)  # type: ignore[arg-type]
 
 

@@ -75,6 +75,8 @@ def _log_epochs(out: Console, metrics: list[dict[str, object]], logged: int) -> 
                 fields.append(f"{label} {float(str(m[key])):.4f}")
         if isinstance(m.get("val_accuracy"), float | int):
             fields.append(f"val acc {float(str(m['val_accuracy'])):.3f}")
+        if isinstance(m.get("lr"), float | int):
+            fields.append(f"lr {float(str(m['lr'])):.3g}")
         out.print("  ".join(fields))
         logged = epoch
     return logged

@@ -148,7 +148,19 @@ def jobs_table(rows: Sequence[JobPublic | JobSummary]) -> Table:
 
     return _table(
         "jobs",
-        ["id", "model", "kind", "status", "epoch", "val loss", "val acc", "version", "created"],
+        [
+            "id",
+            "model",
+            "kind",
+            "status",
+            "epoch",
+            "val loss",
+            "val acc",
+            "kept",
+            "stopped",
+            "version",
+            "created",
+        ],
         (
             [
                 j.id,
@@ -158,6 +170,8 @@ def jobs_table(rows: Sequence[JobPublic | JobSummary]) -> Table:
                 f"{j.progress.epoch}/{j.progress.epochs}",
                 _float(last(j, "val_loss")),
                 _float(last(j, "val_accuracy")),
+                j.kept_epoch,
+                (j.stop_reason or "").replace("_", " "),
                 j.result_version,
                 j.created_at.strftime("%Y-%m-%d %H:%M:%S"),
             ]
