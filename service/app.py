@@ -34,7 +34,6 @@ from service.api.routes import (
 )
 from service.api.routes.ui import install_ui
 from service.api.token_gate import TokenGate
-from service.checkpoints.store import CheckpointStore
 from service.datasets.store import DatasetStore
 from service.db.engine import engine_for, make_sessionmaker, migrate
 from service.db.threads import DatabaseThreads
@@ -49,6 +48,7 @@ from service.serving.device import resolve_device
 from service.serving.manager import ModelManager
 from service.serving.precision import apply_precision, backend_precisions
 from service.settings import Settings
+from service.stores import checkpoint_store, open_locks
 from service.worker.resume import ResumeStore
 from service.worker.supervisor import WorkerSupervisor
 
@@ -69,7 +69,7 @@ def build_services(settings: Settings) -> Services:
     migrate(engine, settings.DATA_DIR)
     sessions = make_sessionmaker(engine)
     owner = Owner(settings.DATA_DIR)
-    registry = Registry(sessions, CheckpointStore(settings.checkpoint_dir, owner))
+    registry = Registry(sessions, checkpoint_store(settings, owner, open_locks(settings)))
     registry.recover_store()
     datasets = DatasetStore(
         settings.dataset_dir, owner, sessions, max_bytes=settings.max_dataset_bytes
@@ -129,6 +129,21 @@ def job_pruner(settings: Settings, jobs: JobQueue) -> PeriodicLoop | None:
     return PeriodicLoop("job pruning", settings.job_prune_interval_s(), prune)
 
 
+def storage_sweeper(settings: Settings, services: Services) -> PeriodicLoop | None:
+    """With remote storage, the loop that removes objects no row names once past the grace (a
+    crash between an object's put and its row's commit leaves one); one replica at a time."""
+    if not settings.remote_storage:
+        return None
+    registry = services.registry
+
+    async def sweep() -> None:
+        await asyncio.to_thread(registry.recover_store)
+
+    loop = PeriodicLoop("storage sweep", settings.storage_sweep_interval_s(), sweep)
+    loop.start()
+    return loop
+
+
 def queued_gauge_loop(services: Services) -> PeriodicLoop | None:
     """In multiprocess mode the scraped process cannot see the others' queues: each process
     writes its own queue length every second (the one process of single mode does it at scrape)."""
@@ -156,9 +171,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if pruner is not None:
         pruner.start()
     gauges = queued_gauge_loop(services)
+    sweeper = storage_sweeper(settings, services)
     try:
         yield
     finally:
+        if sweeper is not None:
+            await sweeper.stop()
         if gauges is not None:
             await gauges.stop()
         if pruner is not None:
