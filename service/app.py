@@ -34,7 +34,6 @@ from service.api.routes import (
 )
 from service.api.routes.ui import install_ui
 from service.api.token_gate import TokenGate
-from service.datasets.store import DatasetStore
 from service.db.engine import engine_for, make_sessionmaker, migrate
 from service.db.threads import DatabaseThreads
 from service.demo import seed_demo
@@ -48,7 +47,7 @@ from service.serving.device import resolve_device
 from service.serving.manager import ModelManager
 from service.serving.precision import apply_precision, backend_precisions
 from service.settings import Settings
-from service.stores import checkpoint_store, open_locks
+from service.stores import open_stores
 from service.worker.resume import ResumeStore
 from service.worker.supervisor import WorkerSupervisor
 
@@ -69,11 +68,9 @@ def build_services(settings: Settings) -> Services:
     migrate(engine, settings.DATA_DIR)
     sessions = make_sessionmaker(engine)
     owner = Owner(settings.DATA_DIR)
-    registry = Registry(sessions, checkpoint_store(settings, owner, open_locks(settings)))
+    checkpoints, datasets = open_stores(settings, owner, sessions)
+    registry = Registry(sessions, checkpoints)
     registry.recover_store()
-    datasets = DatasetStore(
-        settings.dataset_dir, owner, sessions, max_bytes=settings.max_dataset_bytes
-    )
     datasets.recover()
     owner.sweep(settings.upload_dir)
     owner.sweep_owners()
@@ -134,10 +131,11 @@ def storage_sweeper(settings: Settings, services: Services) -> PeriodicLoop | No
     crash between an object's put and its row's commit leaves one); one replica at a time."""
     if not settings.remote_storage:
         return None
-    registry = services.registry
+    registry, datasets = services.registry, services.datasets
 
     async def sweep() -> None:
         await asyncio.to_thread(registry.recover_store)
+        await asyncio.to_thread(datasets.recover)
 
     loop = PeriodicLoop("storage sweep", settings.storage_sweep_interval_s(), sweep)
     loop.start()

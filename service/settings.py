@@ -133,8 +133,10 @@ class Settings(BaseSettings):
     # loosen with it (service/serving/precision.py). PyTorch's own default runs convs in TF32.
     FP32_PRECISION: Literal["ieee", "tf32"] = "ieee"
     # Test-only fault injection, never for production: `after_publish` makes a training worker
-    # SIGKILL itself right after it stored a job's version, before it marks the job finished.
-    TEST_CRASH_POINT: Literal["", "after_publish"] = ""
+    # SIGKILL itself right after it stored a job's version, before it marks the job finished;
+    # `after_object_put` makes any process SIGKILL itself when a version's object is in remote
+    # storage and its row not yet committed.
+    TEST_CRASH_POINT: Literal["", "after_publish", "after_object_put"] = ""
     # Create and train a demo model on the first start of an empty registry.
     DEMO: bool = True
     LOG_LEVEL: Literal["debug", "info", "warning", "error"] = "info"

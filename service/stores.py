@@ -1,4 +1,4 @@
-"""The checkpoint store a process uses: the data dir's, or object storage with a local cache.
+"""The stores a process uses: the data dir's, or object storage with a local cache.
 
 One function for the API process and the training worker, so both pick the same by
 `BNSERVE_STORAGE_URL` and neither can write where the other does not read.
@@ -6,8 +6,12 @@ One function for the API process and the training worker, so both pick the same 
 
 from __future__ import annotations
 
+from sqlalchemy.orm import Session, sessionmaker
+
 from service.checkpoints.remote import ObjectCheckpointStore
 from service.checkpoints.store import CheckpointStore
+from service.datasets.remote import ObjectDatasetStore
+from service.datasets.store import DatasetStore
 from service.db.advisory import AdvisoryLocks
 from service.files import Owner
 from service.settings import Settings
@@ -17,23 +21,37 @@ from service.storage.cache import LocalCache
 AnyCheckpointStore = CheckpointStore | ObjectCheckpointStore
 
 
-def open_locks(settings: Settings) -> AdvisoryLocks | None:
-    """Database locks for what crosses hosts (remote storage needs PostgreSQL, see settings)."""
-    if not settings.remote_storage:
-        return None
-    return AdvisoryLocks(settings.database_url)
-
-
-def checkpoint_store(
+def open_stores(
     settings: Settings,
     owner: Owner,
-    locks: AdvisoryLocks | None = None,
+    sessions: sessionmaker[Session],
     storage: ObjectStorage | None = None,
-) -> AnyCheckpointStore:
+) -> tuple[AnyCheckpointStore, DatasetStore]:
+    """The checkpoint and dataset stores for these settings (not yet recovered)."""
     if not settings.remote_storage:
-        return CheckpointStore(settings.checkpoint_dir, owner)
+        return CheckpointStore(settings.checkpoint_dir, owner), DatasetStore(
+            settings.dataset_dir, owner, sessions, max_bytes=settings.max_dataset_bytes
+        )
     storage = storage or open_storage(settings.STORAGE_URL)
-    cache = LocalCache(settings.cache_dir / "checkpoints", storage, owner, settings.CACHE_BYTES)
-    return ObjectCheckpointStore(
-        storage, cache, owner, locks, grace_s=settings.STORAGE_SWEEP_GRACE_S
+    # Database locks for what crosses hosts (remote storage needs PostgreSQL, see settings);
+    # the checkpoint store closes them with the registry.
+    locks = AdvisoryLocks(settings.database_url)
+    grace = settings.STORAGE_SWEEP_GRACE_S
+    cache = settings.cache_dir
+    checkpoints = ObjectCheckpointStore(
+        storage,
+        LocalCache(cache / "checkpoints", storage, owner, settings.CACHE_BYTES),
+        owner,
+        locks,
+        grace_s=grace,
+        crash_after_put=settings.TEST_CRASH_POINT == "after_object_put",
     )
+    datasets = ObjectDatasetStore(
+        LocalCache(cache / "datasets", storage, owner, settings.CACHE_BYTES),
+        owner,
+        sessions,
+        locks,
+        grace_s=grace,
+        max_bytes=settings.max_dataset_bytes,
+    )
+    return checkpoints, datasets

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import signal
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -58,8 +60,10 @@ class ObjectCheckpointStore:
         locks: AdvisoryLocks | None,
         *,
         grace_s: float,
+        crash_after_put: bool = False,
     ) -> None:
         self.storage = storage
+        self.crash_after_put = crash_after_put  # test-only fault injection (settings)
         self.cache = cache
         self.owner = owner
         self.locks = locks
@@ -83,6 +87,8 @@ class ObjectCheckpointStore:
             with disk_full_as_error(self.root):
                 write_durably(temp, [data])
             self.storage.put_file(object_key(model_id, sha), temp)
+            if self.crash_after_put:
+                os.kill(os.getpid(), signal.SIGKILL)
         except BaseException:
             temp.unlink(missing_ok=True)
             if conn is not None:

@@ -90,11 +90,20 @@ class DatasetStore:
                 # The upload sits in the same data dir, so this is a rename, not a copy.
                 fsync_file(upload)
                 os.replace(upload, staged)
-                with self._sessions.begin() as session:
-                    session.add(row)
+                self._insert(staged, row)
         except BaseException:
             staged.unlink(missing_ok=True)
             raise
+        self._keep(staged, final, row)
+        return row
+
+    def _insert(self, staged: Path, row: DatasetRow) -> None:
+        """Commit the row (object storage puts the object first: service/datasets/remote.py)."""
+        with self._sessions.begin() as session:
+            session.add(row)
+
+    def _keep(self, staged: Path, final: Path, row: DatasetRow) -> None:
+        """The row is committed: give the staged file its final name."""
         # Even when `final` exists (identical bytes stored before): replacing it with the same
         # bytes is harmless, and it cannot then be an orphan that a recovery removes meanwhile.
         try:
@@ -103,7 +112,6 @@ class DatasetStore:
             # Another process's `recover` rolled it forward between our commit and this rename.
             if not final.exists():
                 raise
-        return row
 
     def get(self, dataset_id: str) -> DatasetRow:
         with self._reads.begin() as session:
@@ -118,6 +126,10 @@ class DatasetStore:
 
     def load(self, row: DatasetRow) -> Dataset:
         """The stored tensors, refused when the file no longer matches its sha256."""
+        return read_dataset(self._verified(row), row.filename, max_bytes=self.max_bytes)
+
+    def _verified(self, row: DatasetRow) -> Path:
+        """The dataset's file once it hashes to the recorded sha256."""
         path = self.root / row.filename
         if not path.exists():
             self._roll_forward(row.filename, row.sha256)
@@ -127,11 +139,14 @@ class DatasetStore:
                 f"dataset file {row.filename} is corrupt (sha256 {found}, recorded {row.sha256})",
                 code="corrupt_dataset",
             )
-        return read_dataset(path, row.filename, max_bytes=self.max_bytes)
+        return path
 
     def labels(self, row: DatasetRow) -> torch.Tensor:
         """Only the stored `y`, as read on upload; `load` (in the worker) checks the sha256."""
-        return read_labels(self.root / row.filename, row.filename, max_bytes=self.max_bytes)
+        return read_labels(self._unverified(row), row.filename, max_bytes=self.max_bytes)
+
+    def _unverified(self, row: DatasetRow) -> Path:
+        return self.root / row.filename
 
     def _roll_forward(self, filename: str, sha256: str) -> bool:
         """Finish a store that a crash cut between the row's commit and the rename."""

@@ -29,7 +29,6 @@ from typing import Any, TypeVar
 
 import torch
 
-from service.datasets.store import DatasetStore
 from service.db.engine import engine_for, make_sessionmaker, migrate
 from service.db.retry import Backoff, describe, is_transient, retrying
 from service.db.tables import JobRow
@@ -39,7 +38,7 @@ from service.registry import Registry
 from service.serving.device import resolve_device
 from service.serving.precision import apply_precision, backend_precisions
 from service.settings import Settings
-from service.stores import checkpoint_store, open_locks
+from service.stores import open_stores
 from service.worker.execution import Cancelled, JobHooks, run_job
 from service.worker.resume import ResumeStore
 
@@ -62,12 +61,8 @@ class Worker:
         migrate(engine, settings.DATA_DIR)
         sessions = make_sessionmaker(engine)
         self.owner = Owner(settings.DATA_DIR)
-        self.registry = Registry(
-            sessions, checkpoint_store(settings, self.owner, open_locks(settings))
-        )
-        self.datasets = DatasetStore(
-            settings.dataset_dir, self.owner, sessions, max_bytes=settings.max_dataset_bytes
-        )
+        checkpoints, self.datasets = open_stores(settings, self.owner, sessions)
+        self.registry = Registry(sessions, checkpoints)
         self.queue = JobQueue(sessions)
         self.states = ResumeStore(settings.resume_dir, self.owner)
         apply_precision(settings.FP32_PRECISION)
