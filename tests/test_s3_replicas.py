@@ -12,6 +12,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -61,8 +62,12 @@ def version_rows(client: httpx.Client) -> list[dict[str, object]]:
 
 
 def test_two_replicas_and_a_worker_share_only_the_database_and_the_bucket(
-    tmp_path, spawn, s3, cluster_env, worker
-):
+    tmp_path: Path,
+    spawn: Any,
+    s3: S3Endpoint,
+    cluster_env: dict[str, str],
+    worker: WorkerProcess,
+) -> None:
     a = spawn(tmp_path / "a", **cluster_env)
     b = spawn(tmp_path / "b", **cluster_env)
     book = Book()
@@ -79,7 +84,8 @@ def test_two_replicas_and_a_worker_share_only_the_database_and_the_bucket(
         model_id = key.split("/")[2]
         # Uploaded through a, predicted through b: b downloads the object into its own cache.
         served = Served(predict(cb, "m", x))
-        assert served.version == 1 and close(served.outputs, book.expected(1, x))
+        assert served.version == 1
+        assert close(served.outputs, book.expected(1, x))
         assert (tmp_path / "b" / "cache" / "checkpoints" / f"{v1['sha256']}.safetensors").exists()
         assert not (tmp_path / "b" / "checkpoints").exists()  # nothing in the data dir's store
 
@@ -108,7 +114,7 @@ def test_two_replicas_and_a_worker_share_only_the_database_and_the_bucket(
             until_served(other, target, timeout=5)
             delays.append(time.monotonic() - answered)
         print(
-            f"\nS3 replicas: promote through one replica served by the other after "
+            "\nS3 replicas: promote through one replica served by the other after "
             + ", ".join(f"{d * 1000:.0f} ms" for d in delays)
             + f" (sync interval {SYNC_INTERVAL_S} s)"
         )
@@ -120,15 +126,15 @@ def test_two_replicas_and_a_worker_share_only_the_database_and_the_bucket(
         tampered = f"{PREFIX}/checkpoints/{model_id}/{v3.json()['sha256']}.safetensors"
         s3.client().put_object(Bucket=s3.bucket, Key=tampered, Body=b"not the weights")
         r = cb.post("/v1/models/m/predict?version=3", json={"inputs": x.tolist()}, headers=AUTH)
-        assert r.status_code == 500 and r.json()["code"] == "corrupt_checkpoint", r.text
+        assert (r.status_code, r.json()["code"]) == (500, "corrupt_checkpoint"), r.text
         r = cb.get("/v1/models/m/versions/3/weights")
-        assert r.status_code == 500 and r.json()["code"] == "corrupt_checkpoint", r.text
+        assert (r.status_code, r.json()["code"]) == (500, "corrupt_checkpoint"), r.text
         assert Served(predict(cb, "m", x)).version == 1
 
 
 def test_a_replica_killed_between_the_object_and_the_row_loses_nothing(
-    tmp_path, spawn, s3, cluster_env
-):
+    tmp_path: Path, spawn: Any, s3: S3Endpoint, cluster_env: dict[str, str]
+) -> None:
     a = spawn(tmp_path / "a", **cluster_env)
     crash = spawn(tmp_path / "c", **cluster_env, BNSERVE_TEST_CRASH_POINT="after_object_put")
     book = Book()
@@ -140,7 +146,8 @@ def test_a_replica_killed_between_the_object_and_the_row_loses_nothing(
         book.upload(ca, "m", seed=1)
         with pytest.raises(httpx.TransportError):
             upload(cc, "m", book.weights(2))
-        assert crash.proc is not None and crash.proc.wait(10) == -signal.SIGKILL
+        assert crash.proc is not None
+        assert crash.proc.wait(10) == -signal.SIGKILL
         # The object went in, its row never did: every row still names an object that exists.
         objects = s3.keys(f"{PREFIX}/checkpoints/")
         assert len(objects) == 2

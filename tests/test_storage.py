@@ -44,7 +44,9 @@ def store_on(
     return ObjectCheckpointStore(storage, cache, owner, None, grace_s=3600)
 
 
-def test_s3_storage_streams_a_large_file_in_parts_and_lists_gets_deletes(s3, tmp_path):
+def test_s3_storage_streams_a_large_file_in_parts_and_lists_gets_deletes(
+    s3: S3Endpoint, tmp_path: Path
+) -> None:
     storage = S3Storage(s3.bucket, "pre/fix", multipart_threshold=5 << 20, multipart_chunk=5 << 20)
     big = tmp_path / "big"
     big.write_bytes(os.urandom(11 << 20))
@@ -61,7 +63,9 @@ def test_s3_storage_streams_a_large_file_in_parts_and_lists_gets_deletes(s3, tmp
     assert list(storage.list("")) == []
 
 
-def test_a_version_put_by_one_host_is_downloaded_verified_by_another(s3, tmp_path):
+def test_a_version_put_by_one_host_is_downloaded_verified_by_another(
+    s3: S3Endpoint, tmp_path: Path
+) -> None:
     storage = S3Storage(s3.bucket, "bn")
     a, b = store_on(storage, tmp_path / "a"), store_on(storage, tmp_path / "b")
     data = os.urandom(4096)
@@ -86,7 +90,7 @@ def test_a_version_put_by_one_host_is_downloaded_verified_by_another(s3, tmp_pat
     assert missing.value.code == "checkpoint_missing"
 
 
-def test_a_failed_commit_keeps_the_object_for_the_sweep(s3, tmp_path):
+def test_a_failed_commit_keeps_the_object_for_the_sweep(s3: S3Endpoint, tmp_path: Path) -> None:
     """`discard` deletes nothing remote: the same bytes may be a version committed meanwhile."""
     store = store_on(S3Storage(s3.bucket), tmp_path)
     staged = store.stage("m1", b"weights")
@@ -95,7 +99,7 @@ def test_a_failed_commit_keeps_the_object_for_the_sweep(s3, tmp_path):
     assert s3.keys() == [object_key("m1", staged.sha256)]
 
 
-def test_the_cache_evicts_least_recently_used_never_what_is_in_use(tmp_path):
+def test_the_cache_evicts_least_recently_used_never_what_is_in_use(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "bucket")
     store = store_on(storage, tmp_path / "host", cache_bytes=2500)
     shas = []
@@ -114,7 +118,7 @@ def test_the_cache_evicts_least_recently_used_never_what_is_in_use(tmp_path):
     assert cached == {shas[0], shas[1]}  # shas[2] was least recently used and not in use
 
 
-def test_the_sweep_removes_only_unreferenced_objects_older_than_the_grace(tmp_path):
+def test_the_sweep_removes_only_unreferenced_objects_older_than_the_grace(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "bucket")
     for name in ("kept", "orphan-old", "orphan-young"):
         path = tmp_path / name
@@ -133,7 +137,7 @@ def test_the_sweep_removes_only_unreferenced_objects_older_than_the_grace(tmp_pa
     ]
 
 
-def test_a_publish_in_flight_holds_off_every_sweep(postgres_url):
+def test_a_publish_in_flight_holds_off_every_sweep(postgres_url: str) -> None:
     from service.db.advisory import AdvisoryLocks
 
     url = postgres_url.replace("postgresql://", "postgresql+psycopg://")
@@ -164,7 +168,9 @@ def test_a_publish_in_flight_holds_off_every_sweep(postgres_url):
         sweeper.close()
 
 
-def test_remote_storage_is_refused_without_postgresql_or_a_token(monkeypatch):
+def test_remote_storage_is_refused_without_postgresql_or_a_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("BNSERVE_STORAGE_URL", "s3://bucket/p")
     with pytest.raises(StartupError, match="needs a postgresql:// BNSERVE_DATABASE_URL"):
         load_settings()
@@ -177,7 +183,7 @@ def test_remote_storage_is_refused_without_postgresql_or_a_token(monkeypatch):
         load_settings({"API_TOKEN": TOKEN})
 
 
-def test_a_bucket_that_does_not_exist_stops_the_start_in_one_line(s3):
+def test_a_bucket_that_does_not_exist_stops_the_start_in_one_line(s3: S3Endpoint) -> None:
     settings = load_settings(
         {
             "STORAGE_URL": "s3://no-such-bucket",
