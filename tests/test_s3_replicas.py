@@ -165,3 +165,37 @@ def test_a_replica_killed_between_the_object_and_the_row_loses_nothing(
     with httpx.Client(base_url=a.url, timeout=30) as ca:
         shas = {str(row["sha256"]) for row in version_rows(ca)}
     assert all(any(sha in key for key in remaining) for sha in shas)
+
+
+def test_a_worker_killed_mid_publish_loses_nothing_and_the_job_publishes_once(
+    tmp_path: Path, spawn: Any, s3: S3Endpoint, cluster_env: dict[str, str]
+) -> None:
+    """Killed after its version's object went in, before the row: another worker (on another
+    host's data dir) takes the job over and publishes it once; every row names an object."""
+    env = {**cluster_env, "BNSERVE_JOB_STALE_AFTER_S": "1"}
+    a = spawn(tmp_path / "a", **env)
+    with httpx.Client(base_url=a.url, timeout=30) as ca:
+        create_model(ca, "m", "mlp_bn")
+        xs, ys = blobs(100, seed=0)
+        job = start_job(
+            ca, model="m", dataset=dataset_id(ca, xs, ys, "d"), epochs=2, batch_size=25, lr=0.05
+        )
+        first = WorkerProcess(
+            tmp_path / "w1", tmp_path / "w1.log", **env, BNSERVE_TEST_CRASH_POINT="after_object_put"
+        )
+        try:
+            assert first.proc.wait(60) == -signal.SIGKILL, first.log()
+        finally:
+            first.stop()  # a no-op once it is dead
+        assert version_rows(ca) == []
+        assert len(s3.keys(f"{PREFIX}/checkpoints/")) == 1  # the object, without its row
+        second = WorkerProcess(tmp_path / "w2", tmp_path / "w2.log", **env)
+        try:
+            done = wait_job(ca, job, timeout=60)
+        finally:
+            second.stop()
+        assert done["status"] == "succeeded", (done, second.log())
+        rows = version_rows(ca)
+        assert [row["version"] for row in rows] == [done["result_version"]] == [1]
+        objects = s3.keys(f"{PREFIX}/checkpoints/")
+        assert any(str(rows[0]["sha256"]) in key for key in objects)
