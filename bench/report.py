@@ -18,7 +18,17 @@ TARGETS: list[tuple[str, int, str, str, float]] = [
     ("mlp_bn", 1, "lone_p50_minus_forward_ms", "<=", 1.5),
 ]
 
-NUMERIC = ("rps", "p50_ms", "p99_ms", "mean_ms", "mean_batch", "client_cpu_share")
+NUMERIC = (
+    "rps",
+    "p50_ms",
+    "p99_ms",
+    "mean_ms",
+    "mean_batch",
+    "client_cpu_share",
+    "mean_queue_wait_ms",
+    "mean_compute_ms",
+    "mean_server_ms",
+)
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -119,11 +129,18 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _split(row: dict[str, Any]) -> str:
+    """bnserve's own account of a request: queue wait, forward pass, whole handling (ms)."""
+    parts = (row.get(k) for k in ("mean_queue_wait_ms", "mean_compute_ms", "mean_server_ms"))
+    shown = [_fmt(v, ".2f") for v in parts]
+    return "" if shown == ["-"] * 3 else "/".join(shown)
+
+
 def table(summary: dict[str, Any], title: str) -> str:
     lines = [title]
     header = (
         f"{'':22}{'clients':>8}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'mean batch':>11}{'non-2xx':>8}{'hey CPU':>8}"
+        f"{'mean batch':>11}{'non-2xx':>8}{'hey CPU':>8}{'wait/pass/server ms':>22}"
     )
     for model, figures in summary["medians"].items():
         lines += ["", f"{model}", header]
@@ -134,6 +151,7 @@ def table(summary: dict[str, Any], title: str) -> str:
                     f"{_fmt(row['p50_ms'], '.2f'):>9}{_fmt(row['p99_ms'], '.2f'):>9}"
                     f"{_fmt(row['mean_batch'], '.1f'):>11}{row['non_2xx']:>8}"
                     f"{_fmt(row['client_cpu_share'], '.0%'):>8}"
+                    f"{_split(row):>22}"
                 )
         limit = figures["limit"]
         lines.append(

@@ -2,7 +2,8 @@
 
 The batch-size histogram `bnserve_batch_size{model}` gives the batches the server formed (its
 `_sum / _count` over the measurement is the mean batch, the size the in-process limit is measured
-at), and `bnserve_predictions_total{model}` the requests it answered.
+at), `bnserve_predictions_total{model}` the requests it answered, and the queue-wait, compute and
+latency histograms where each request's time went inside the server.
 """
 
 from __future__ import annotations
@@ -37,8 +38,18 @@ def served(before: Samples, after: Samples, model: str) -> dict[str, float | Non
     """Mean batch size, forward passes and answered predictions between two scrapes."""
     total = delta(before, after, "bnserve_batch_size_sum", model)
     passes = delta(before, after, "bnserve_batch_size_count", model)
+    compute = delta(before, after, "bnserve_compute_seconds_sum", model)
+    waited = delta(before, after, "bnserve_queue_wait_seconds_sum", model)
+    waits = delta(before, after, "bnserve_queue_wait_seconds_count", model)
+    latency = delta(before, after, "bnserve_prediction_latency_seconds_sum", model)
+    answered = delta(before, after, "bnserve_prediction_latency_seconds_count", model)
     return {
         "mean_batch": total / passes if total is not None and passes else None,
         "forward_passes": passes,
         "server_predictions": delta(before, after, "bnserve_predictions_total", model),
+        # Where a request's time went inside the server (ms): waiting for its pass, the pass,
+        # and the whole handling; what hey's latency adds on top is HTTP and the client.
+        "mean_compute_ms": 1e3 * compute / passes if compute is not None and passes else None,
+        "mean_queue_wait_ms": 1e3 * waited / waits if waited is not None and waits else None,
+        "mean_server_ms": 1e3 * latency / answered if latency is not None and answered else None,
     }

@@ -6,10 +6,12 @@ server is paused (SIGSTOP), so each has the CPU to itself. Rounds interleave all
 rotated order) so the machine's drift hits all alike; per-round ratios and their medians are
 printed and written to JSON with every round's figures. The in-process limit is bnserve's own
 `build_loaded` module run without HTTP at the mean batch bnserve formed under the same load.
+`--images` adds issue 15's row (`bench/images.py`): on the same bnserve server, 32x32 PNG
+requests/s against the same samples sent as JSON tensors, as the median per-round ratio.
 
     .venv/bin/python bench/serving.py [--seconds 10] [--rounds 3] [--models resnet18,mlp_bn]
         [--clients 1,16,64] [--contenders bnserve,naive,litserve,noop] [--malloc-off]
-        [--variant NAME:VAR=VALUE,...] [--env VAR=VALUE] [--threads N]
+        [--variant NAME:VAR=VALUE,...] [--env VAR=VALUE] [--threads N] [--images]
         [--json bench/results/serving.json]
 """
 
@@ -33,7 +35,7 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import report
+from bench import images, report
 from bench.contenders.common import UVICORN_OPTIONS
 from bench.loadgen import Load, ensure_hey, run_hey
 from bench.procs import REPO, Server, Servers, free_port, terminated_on_sigterm
@@ -104,6 +106,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, help="torch intra-op threads everywhere (OMP_NUM_THREADS)"
     )
+    parser.add_argument(
+        "--images",
+        action="store_true",
+        help="also 32x32 PNG bodies against the same samples as JSON tensors, on bnserve "
+        "(with --models '' only that)",
+    )
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "serving.json")
     args = parser.parse_args()
     args.models = [m for m in args.models.split(",") if m]
@@ -112,6 +120,8 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.contenders) - set(CONTENDERS)
     if unknown:
         parser.error(f"unknown contenders {sorted(unknown)}; known: {', '.join(CONTENDERS)}")
+    if args.images and "bnserve" not in args.contenders:
+        parser.error("--images measures bnserve: keep bnserve in --contenders")
     if args.malloc_off:
         args.variant.append(("bnserve-malloc", MALLOC_OFF_ENV))
     args.bnserve_env = {k: v for pairs in args.env for k, v in pairs.items()}
@@ -285,6 +295,7 @@ def environment(args: argparse.Namespace, hey: str) -> dict[str, Any]:
         "bnserve_env": args.bnserve_env,
         "variants": dict(args.variant),
         "threads": args.threads,
+        "images": args.images,
     }
 
 
@@ -390,11 +401,38 @@ def measure_round(
     return result
 
 
+def measure_images(
+    index: int,
+    args: argparse.Namespace,
+    hey: str,
+    contender: Contender,
+    servers: Servers,
+    loads: dict[str, Load],
+) -> dict[str, dict[str, Any]]:
+    """The PNG and tensor bodies at every client count, alternating, bnserve alone."""
+    result: dict[str, dict[str, Any]] = {}
+    with servers.alone(contender.server):
+        for clients in args.clients:
+            result[str(clients)] = {}
+            for kind in images.round_order(index):
+                row = measure_http(hey, contender, loads[kind], images.MODEL, clients, args)
+                result[str(clients)][kind] = row
+                print(
+                    f"round {index + 1}/{args.rounds} {images.MODEL:9} {kind:16} "
+                    f"c={clients:<3} {row['rps']:8.1f} req/s  p50 {row['p50_ms']} ms  "
+                    f"non-2xx {row['non_2xx']}",
+                    flush=True,
+                )
+    servers.pause_all()
+    return result
+
+
 def run(args: argparse.Namespace, run_dir: Path, servers: Servers) -> dict[str, Any]:
     hey = ensure_hey()
     common_env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     meta = environment(args, hey)
     models = prepare_models(args, run_dir)
+    image_spec = images.prepare(run_dir, trained_weights) if args.images else None
     port = free_port()
     models_file = str(run_dir / "models.json")
     limit_server = servers.add(
@@ -424,14 +462,19 @@ def run(args: argparse.Namespace, run_dir: Path, servers: Servers) -> dict[str, 
         contender.server.wait_ready()
         if contender.name.startswith("bnserve"):
             set_up_bnserve(contender, models)
+        if contender.name == "bnserve" and image_spec is not None:
+            images.set_up(contender.server.url, AUTH, image_spec)
         checks[contender.name] = check_answers(contender, models)
         contender.server.pause()
         print(f"{contender.name} ready (pid {contender.server.pid}), answers checked", flush=True)
 
-    rounds = [
-        measure_round(index, args, hey, contenders, limit_server, servers, models)
-        for index in range(args.rounds)
-    ]
+    bnserve = next(c for c in contenders if c.name == "bnserve") if image_spec else None
+    rounds, image_rounds = [], []
+    for index in range(args.rounds):
+        rounds.append(measure_round(index, args, hey, contenders, limit_server, servers, models))
+        if bnserve is not None and image_spec is not None:
+            loads = images.loads(bnserve.server.url, image_spec)
+            image_rounds.append(measure_images(index, args, hey, bnserve, servers, loads))
     meta["load_average_at_end"] = os.getloadavg()
     per_round = [report.round_ratios(r) for r in rounds]
     ratios = report.median_ratios(per_round)
@@ -442,6 +485,7 @@ def run(args: argparse.Namespace, run_dir: Path, servers: Servers) -> dict[str, 
         "medians": report.medians(rounds),
         "ratios": {"per_round": per_round, "median": ratios},
         "targets": report.targets(ratios),
+        "images": images.summarize(image_rounds) if image_rounds else None,
     }
 
 
@@ -465,6 +509,8 @@ def main() -> None:
     )
     print()
     print(report.table(summary, title))
+    if summary["images"] is not None:
+        print(images.table(summary["images"]))
     print(f"\nwritten to {args.json}")
 
 

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     MAX_UPLOAD_BYTES: int = Field(1 << 30, gt=0)
     # What a dataset's arrays may declare once decompressed; unset means MAX_UPLOAD_BYTES.
     MAX_DATASET_BYTES: int | None = Field(None, gt=0)
+    # Entries (files and folders) an image dataset's .zip or .tar may hold, counted from its
+    # directory (tar: header by header) before any image is read.
+    MAX_DATASET_FILES: int = Field(100_000, ge=2)
     # Threads that read, scan, check and store uploads, apart from the pools predictions use.
     UPLOAD_THREADS: int = Field(2, ge=1, le=64)
     # Threads for database calls per API process, apart from the pools that parse inputs and run
@@ -128,6 +131,10 @@ class Settings(BaseSettings):
     # PyTorch threads per worker; 0 shares this machine's cores among the server's workers, so
     # several workers do not oversubscribe the CPU (which slows each of them several-fold).
     WORKER_THREADS: int = Field(0, ge=0)
+    # Threads per worker that augment and normalize the next training batches of an image dataset
+    # while the step runs (training/loader.py); 0 builds each batch in the training thread. The
+    # batches are the same for any count (each sample's augmentation has its own seed).
+    LOADER_THREADS: int = Field(2, ge=0, le=64)
     # fp32 precision of CUDA matmuls and convolutions in the API and the workers: `ieee` (true
     # fp32) or `tf32` (tensor cores, ~1e-3 relative); the gate's and the optimizations' checks
     # loosen with it (service/serving/precision.py). PyTorch's own default runs convs in TF32.

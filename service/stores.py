@@ -28,9 +28,14 @@ def open_stores(
     storage: ObjectStorage | None = None,
 ) -> tuple[AnyCheckpointStore, DatasetStore]:
     """The checkpoint and dataset stores for these settings (not yet recovered)."""
+    limits: dict[str, int] = {
+        "max_bytes": settings.max_dataset_bytes,
+        "max_image_pixels": settings.MAX_IMAGE_PIXELS,
+        "max_files": settings.MAX_DATASET_FILES,
+    }
     if not settings.remote_storage:
         return CheckpointStore(settings.checkpoint_dir, owner), DatasetStore(
-            settings.dataset_dir, owner, sessions, max_bytes=settings.max_dataset_bytes
+            settings.dataset_dir, owner, sessions, **limits
         )
     storage = storage or open_storage(settings.STORAGE_URL)
     # Database locks for what crosses hosts (remote storage needs PostgreSQL, see settings);
@@ -52,6 +57,6 @@ def open_stores(
         sessions,
         locks,
         grace_s=grace,
-        max_bytes=settings.max_dataset_bytes,
+        **limits,
     )
     return checkpoints, datasets

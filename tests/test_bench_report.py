@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import generate_latest
 
-from bench import report
+from bench import images, report
 from bench.loadgen import summarize
 from bench.scrape import parse, served
 from service.metrics import Metrics
@@ -46,18 +46,23 @@ def test_summarize_of_no_answers_is_zero_not_an_error():
 
 def test_served_reads_bnserve_batch_histogram_and_prediction_counter():
     metrics = Metrics()
-    metrics.batch_size.labels(model="m").observe(4)
+    metrics.batch_done("m", 4, [0.5] * 4, 1.0)
+    metrics.prediction_done("m", 1, "ok", 9.0, 4)
     before = parse(generate_latest(metrics.registry).decode())
-    for size in (8, 16):
-        metrics.batch_size.labels(model="m").observe(size)
-    metrics.batch_size.labels(model="other").observe(64)
+    metrics.batch_done("m", 8, [0.001] * 8, 0.004)
+    metrics.batch_done("m", 16, [0.002] * 16, 0.006)
+    metrics.batch_done("other", 64, [1.0] * 64, 1.0)
     for _ in range(24):
-        metrics.predictions.labels(model="m", version="1", outcome="ok").inc()
+        metrics.prediction_done("m", 1, "ok", 0.010, 1)
     after = parse(generate_latest(metrics.registry).decode())
-    assert served(before, after, "m") == {
+    got = served(before, after, "m")
+    assert got == {
         "mean_batch": 12.0,
         "forward_passes": 2.0,
         "server_predictions": 24.0,
+        "mean_compute_ms": pytest.approx(5.0),
+        "mean_queue_wait_ms": pytest.approx((8 * 1 + 16 * 2) / 24),
+        "mean_server_ms": pytest.approx(10.0),
     }
 
 
@@ -109,3 +114,15 @@ def test_ratios_per_round_then_median_and_targets():
     }
     low = report.targets({"resnet18": {**median, "bnserve/limit@64": 0.89}})
     assert [t["met"] for t in low if "limit" in t["target"]] == [False]
+
+
+def test_image_row_is_the_median_of_per_round_png_over_tensor_ratios() -> None:
+    def rps(png: float, tensor: float) -> dict[str, dict[str, float]]:
+        return {"png": {"rps": png}, "tensor": {"rps": tensor}}
+
+    rounds = [{"16": rps(50, 100)}, {"16": rps(90, 100)}, {"16": rps(160, 200)}]
+    row = images.summarize(rounds)["medians"]["16"]
+    assert row["png/tensor"] == pytest.approx(0.8)  # of 0.5, 0.9 and 0.8
+    assert (row["png_rps"], row["tensor_rps"]) == (90, 100)
+    assert images.round_order(0) != images.round_order(1)  # each body goes first in turn
+    assert "0.80" in images.table(images.summarize(rounds))

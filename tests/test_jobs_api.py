@@ -159,6 +159,8 @@ INVALID = [
         id="warmup-not-shorter-than-epochs",
     ),
     pytest.param({"precise_bn": {"batches": 0}}, 422, "validation_error", id="precise-bn-zero"),
+    pytest.param({"augment": {"hflip": 2}}, 422, "validation_error", id="flip-probability-2"),
+    pytest.param({"augment": {}}, 422, "validation_error", id="augment-without-transforms"),
 ]
 
 
@@ -185,6 +187,7 @@ def test_job_creation_refuses_what_a_worker_would_trip_over(idle, setup, change,
         ({"early_stopping": {"patience": 0}}, "early_stopping.patience"),
         ({"lr_schedule": {"kind": "step", "step_size": 1, "gamma": 2}}, "lr_schedule.gamma"),
         ({"precise_bn": {"batches": -1}}, "precise_bn.batches"),
+        ({"augment": {"color_jitter": {"hue": 0.7}}}, "augment.color_jitter.hue"),
     ],
 )
 def test_a_bad_training_option_is_named(idle, setup, change, field):
@@ -207,7 +210,16 @@ def test_training_options_are_stored_with_the_job(idle, setup):
     defaults = get_job(idle, start_job(idle, model="m", dataset=setup["good"], **TRAIN))
     assert (defaults["params"]["keep"], defaults["params"]["bn"]) == ("best", "train")
     assert "early_stopping" not in defaults["params"]
+    assert "augment" not in defaults["params"]
     assert (defaults["kept_epoch"], defaults["stop_reason"]) == (None, None)
+
+
+def test_augment_is_refused_for_a_dataset_of_tensors(idle, setup):
+    # Stored with the job (so in the resume identity) on image datasets: test_jobs_options.py.
+    augment = {"random_crop": {"size": 32, "padding": 4}, "hflip": 0.5}
+    r = post_job(idle, model="m", dataset=setup["good"], **TRAIN, augment=augment)
+    assert r.status_code == 422, r.text
+    assert r.json()["code"] == "augment_needs_images"
 
 
 def test_valid_job_is_queued(idle, setup):

@@ -19,13 +19,20 @@ import pytest
 import torch
 
 from models import get_architecture
-from service.training.trainer import precise_bn_rows, split_dataset
-from tests.conftest import ServerProcess, create_model
+from service.datasets.images import ImageLimits, images_to_tensor, load_image_samples
+from service.preprocess.pipeline import ImagePipeline
+from service.training.loader import TrainingImages
+from service.training.trainer import TrainParams, precise_bn_rows, split_dataset, train
+from tests.conftest import AUTH, ServerProcess, create_model
+from tests.helpers_api import assert_error
+from tests.helpers_images import SHAPES, shapes, zip_of
 from tests.helpers_jobs import (
     FAST_WORKER_ENV,
     blobs,
     dataset_id,
+    post_job,
     start_job,
+    upload_dataset,
     versions,
     wait_job,
     weights,
@@ -214,3 +221,63 @@ def test_dropout_trains_and_is_absent_from_served_predictions(c):
         assert again.json()["outputs"] == first.json()["outputs"]
     alone = c.post("/v1/models/drop/predict", json={"inputs": x[3].tolist()})
     assert alone.json()["outputs"][0] == pytest.approx(first.json()["outputs"][3], abs=1e-5)
+
+
+AUGMENT = {"random_crop": {"size": 28, "padding": 3}, "hflip": 0.5, "rotation": 20.0}
+
+
+def test_augment_trains_the_batches_the_loader_makes_and_only_on_images(c, tmp_path):
+    archive = tmp_path / "augment.zip"
+    archive.write_bytes(zip_of(shapes(per_class=6)))
+    r = upload_dataset(c, archive.read_bytes(), "augment.zip")
+    assert r.status_code == 201, r.text
+    images = r.json()["id"]
+    body = {"name": "aug", "architecture": "mnist_cnn", "config": {"num_classes": 2}}
+    r = c.post("/v1/models", json={**body, "preprocess": {"image": SHAPES}}, headers=AUTH)
+    assert r.status_code == 201, r.text
+    run = {"model": "aug", "dataset": images, "epochs": 2, "batch_size": 4, "lr": 0.05}
+    run |= {"seed": 3, "promote": "never"}
+    augmented = _run(c, **run, augment=AUGMENT)
+    again = _run(c, **run, augment=AUGMENT)
+    plain = _run(c, **run)
+    got = weights(c, "aug", augmented["result_version"])
+    assert (
+        _version(c, "aug", again["result_version"])["sha256"]
+        == (_version(c, "aug", augmented["result_version"])["sha256"])
+    )  # the same job trains the same weights, whichever loader thread built a batch
+    unaugmented = weights(c, "aug", plain["result_version"])
+    assert not any(torch.equal(got[k], unaugmented[k]) for k in got if k.endswith("weight"))
+
+    # The worker's weights are those of training on the loader's augmented batches, rebuilt
+    # here from the same pixels (single-threaded loader, one PyTorch thread as in the worker).
+    pipeline = ImagePipeline.model_validate(SHAPES)
+    samples = load_image_samples(archive, pipeline, ImageLimits(4096**2, 1 << 30, 1000), kind="zip")
+    arch = get_architecture("mnist_cnn")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(3)
+        module = arch.build(arch.parse_config({"num_classes": 2}))
+        pixels = TrainingImages(samples.images, tuple(SHAPES["mean"]), tuple(SHAPES["std"]), 0)
+        result = train(
+            module,
+            images_to_tensor(samples.images, pipeline),
+            torch.from_numpy(samples.labels),
+            task="classification",
+            params=TrainParams.model_validate(augmented["params"]),
+            should_stop=lambda: False,
+            images=pixels,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    for key, value in result.state_dict.items():
+        assert torch.equal(got[key], value), key
+
+    # Tensors have no pixels to augment, and batches must keep the model's input size.
+    x, y = blobs(40)
+    create_model(c, "aug-tensors", "mlp_bn")
+    tensors = {**run, "model": "aug-tensors", "dataset": dataset_id(c, x, y, "aug-tensors")}
+    assert_error(post_job(c, **tensors, augment=AUGMENT), 422, "augment_needs_images")
+    too_big = {"random_crop": {"size": 40, "padding": 2}}
+    body = assert_error(post_job(c, **run, augment=too_big), 422, "invalid_augment")
+    assert "larger than the padded image" in body["detail"]

@@ -258,11 +258,14 @@ def test_docs_pages_load_only_assets_this_server_serves(client, page):
 def test_the_training_options_are_documented(client):
     schemas = _document(client)["components"]["schemas"]
     create = schemas["JobCreate"]["properties"]
-    for field in ("keep", "early_stopping", "lr_schedule", "bn", "precise_bn"):
+    for field in ("keep", "early_stopping", "lr_schedule", "bn", "precise_bn", "augment"):
         assert create[field].get("description"), field
     assert {"kind", "warmup_epochs", "step_size", "gamma"} <= schemas["LRSchedule"][
         "properties"
     ].keys()
     assert {"patience", "min_delta"} <= schemas["EarlyStopping"]["properties"].keys()
     assert schemas["PreciseBN"]["required"] == ["batches"]
+    assert {"random_crop", "random_resized_crop", "hflip", "vflip", "rotation"} <= schemas[
+        "Augment"
+    ]["properties"].keys()
     assert {"kept_epoch", "stop_reason"} <= schemas["JobPublic"]["properties"].keys()

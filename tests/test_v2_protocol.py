@@ -348,7 +348,7 @@ def test_bad_requests_are_400_with_the_expected_shape(client, tc):
     v2_error(send([tensor([0, 2], [])]), 400, "empty_batch")
     v2_error(send([tensor([1, 2], ["a", "b"])]), 400, "invalid_input_type")
     v2_error(send([tensor([1, 2], [True, False], "BOOL")]), 400, "invalid_input_type")
-    v2_error(send([tensor([1, 2], ["a", "b"], "BYTES")]), 400, "invalid_input_type")
+    v2_error(send([tensor([1, 2], ["a", "b"], "BYTES")]), 400, "images_not_accepted")
     v2_error(send([tensor([1025, 2], [0.5] * 2050)]), 400, "batch_too_large")
     v2_error(send([{**tensor([1, 2], [0, 1]), "name": "x"}]), 400, "invalid_input_name")
     v2_error(send([tensor([1, 2], [0, 1]), tensor([1, 2], [0, 1])]), 400, "invalid_input_name")

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.names import NAME_PATTERN
 from service.preprocess.pipeline import Preprocess
-from service.training.options import EarlyStopping, LRSchedule
+from service.training.options import Augment, EarlyStopping, LRSchedule
 from service.training.params import PreciseBN
 
 if TYPE_CHECKING:
@@ -187,10 +187,27 @@ class PredictResponse(BaseModel):
 class DatasetPublic(BaseModel):
     id: str
     name: str
+    kind: Literal["tensors", "images"] = Field(
+        default="tensors",
+        description="'tensors': an .npz or .safetensors of x and y; 'images': a .zip or .tar "
+        "of images in class folders",
+    )
     num_samples: int
-    x_shape: list[int]
+    x_shape: list[int] | None = Field(
+        description="N x sample shape; null for image datasets, whose samples take the shape "
+        "of the pipeline of the model trained on them"
+    )
     y_shape: list[int]
     y_kind: str
+    classes: list[str] | None = Field(
+        default=None,
+        description="image datasets: the class folders' names, sorted (label i is classes[i], "
+        "as torchvision's ImageFolder)",
+    )
+    image_size: list[int] | None = Field(
+        default=None,
+        description="image datasets: the [height, width] every image has, or null when they differ",
+    )
     sha256: str
     size_bytes: int
     created_at: datetime
@@ -253,6 +270,13 @@ class JobCreate(BaseModel):
         description="after the last epoch, recompute BN running statistics with the kept "
         "weights over this many training batches",
         examples=[{"batches": 50}],
+    )
+    augment: Augment | None = Field(
+        default=None,
+        description="image datasets: torchvision's random transforms of these names, applied in "
+        "this order to the training split only (never validation or serving), drawn from the "
+        "job's seed",
+        examples=[{"random_crop": {"size": 32, "padding": 4}, "hflip": 0.5}],
     )
 
 

@@ -127,7 +127,9 @@ def datasets_table(rows: Sequence[DatasetPublic]) -> Table:
                 d.id,
                 d.name,
                 d.num_samples,
-                _shape(d.x_shape),
+                _shape(d.x_shape)
+                if d.x_shape is not None
+                else f"images {len(d.classes or [])} classes",
                 f"{d.y_kind} {_shape(d.y_shape)}",
                 d.created_at.strftime("%Y-%m-%d %H:%M:%S"),
             ]

@@ -152,7 +152,8 @@ class AsyncClient:
         filename: str | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> DatasetPublic:
-        """Upload an `.npz` or `.safetensors` with `x` and `y`: a path, bytes or a file."""
+        """Upload an `.npz` or `.safetensors` with `x` and `y`, or a `.zip` or `.tar` of images in
+        class folders: a path, bytes or a file."""
         return await self._send(
             calls.upload_dataset(upload, name=name, filename=filename, on_progress=on_progress)
         )

@@ -41,8 +41,17 @@ class ObjectDatasetStore(DatasetStore):
         *,
         grace_s: float,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        max_image_pixels: int = 4096 * 4096,
+        max_files: int = 100_000,
     ) -> None:
-        super().__init__(cache.root, owner, sessions, max_bytes=max_bytes)
+        super().__init__(
+            cache.root,
+            owner,
+            sessions,
+            max_bytes=max_bytes,
+            max_image_pixels=max_image_pixels,
+            max_files=max_files,
+        )
         self.cache = cache
         self.storage: ObjectStorage = cache.storage
         self.locks = locks

@@ -22,6 +22,13 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.datasets.archives import ArchiveKind, image_archive_kind
+from service.datasets.images import (
+    ImageLimits,
+    ImageSamples,
+    load_image_samples,
+    scan_image_archive,
+)
 from service.datasets.reader import DEFAULT_MAX_BYTES, Dataset, read_dataset, read_labels
 from service.db.engine import read_sessions
 from service.db.tables import DatasetRow, utcnow
@@ -35,6 +42,7 @@ from service.files import (
     temp_owner,
     temp_tag,
 )
+from service.preprocess.pipeline import ImagePipeline
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +58,17 @@ class DatasetStore:
         sessions: sessionmaker[Session],
         *,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        max_image_pixels: int = 4096 * 4096,
+        max_files: int = 100_000,
     ) -> None:
         self.root = root
         self.owner = owner
         self._sessions = sessions
         self._reads = read_sessions(sessions)  # on SQLite: no write lock for reads
         self.max_bytes = max_bytes
+        self.image_limits = ImageLimits(
+            max_pixels=max_image_pixels, max_bytes=max_bytes, max_files=max_files
+        )
         root.mkdir(parents=True, exist_ok=True)
 
     def add(self, upload: Path, filename: str, name: str | None) -> DatasetRow:
@@ -66,25 +79,29 @@ class DatasetStore:
                 code="invalid_name",
                 limit=MAX_NAME_LENGTH,
             )
-        dataset = read_dataset(upload, filename, max_bytes=self.max_bytes)
-        sha = sha256_file(upload)
-        # By content, not by the client's file name: identical bytes are stored once.
-        with open(upload, "rb") as handle:
-            suffix = ".npz" if handle.read(4) == b"PK\x03\x04" else ".safetensors"
-        final = self.root / f"{sha}{suffix}"
+        kind = image_archive_kind(upload, filename, max_members=self.image_limits.max_files)
+        row = DatasetRow(id=uuid.uuid4().hex, size_bytes=upload.stat().st_size, created_at=utcnow())
+        if kind is not None:
+            info = scan_image_archive(upload, filename, kind, self.image_limits)
+            sha = sha256_file(upload)
+            final = self.root / f"{sha}.{kind}"
+            row.kind, row.classes = "images", info.classes
+            row.image_size = None if info.image_size is None else list(info.image_size)
+            row.num_samples, row.x_shape = info.num_samples, None
+            row.y_shape, row.y_kind = [info.num_samples], "class"
+        else:
+            dataset = read_dataset(upload, filename, max_bytes=self.max_bytes)
+            sha = sha256_file(upload)
+            # By content, not by the client's file name: identical bytes are stored once.
+            with open(upload, "rb") as handle:
+                suffix = ".npz" if handle.read(4) == b"PK\x03\x04" else ".safetensors"
+            final = self.root / f"{sha}{suffix}"
+            row.kind, row.num_samples = "tensors", dataset.num_samples
+            row.x_shape, row.y_shape = list(dataset.x.shape), list(dataset.y.shape)
+            row.y_kind = dataset.y_kind
+        row.filename, row.sha256 = final.name, sha
+        row.name = name or (filename or sha[:12])[:MAX_NAME_LENGTH]
         staged = self.owner.temp_path(self.root, tag=sha)
-        row = DatasetRow(
-            id=uuid.uuid4().hex,
-            name=name or (filename or sha[:12])[:MAX_NAME_LENGTH],
-            sha256=sha,
-            num_samples=dataset.num_samples,
-            x_shape=list(dataset.x.shape),
-            y_shape=list(dataset.y.shape),
-            y_kind=dataset.y_kind,
-            size_bytes=upload.stat().st_size,
-            filename=final.name,
-            created_at=utcnow(),
-        )
         try:
             with disk_full_as_error(self.root):
                 # The upload sits in the same data dir, so this is a rename, not a copy.
@@ -127,6 +144,11 @@ class DatasetStore:
     def load(self, row: DatasetRow) -> Dataset:
         """The stored tensors, refused when the file no longer matches its sha256."""
         return read_dataset(self._verified(row), row.filename, max_bytes=self.max_bytes)
+
+    def load_images(self, row: DatasetRow, pipeline: ImagePipeline) -> ImageSamples:
+        """An image dataset through `pipeline` up to CenterCrop (uint8), its sha256 checked."""
+        kind: ArchiveKind = "tar" if row.filename.endswith(".tar") else "zip"
+        return load_image_samples(self._verified(row), pipeline, self.image_limits, kind=kind)
 
     def _verified(self, row: DatasetRow) -> Path:
         """The dataset's file once it hashes to the recorded sha256."""

@@ -106,9 +106,16 @@ class DatasetRow(Base):
     name: Mapped[str] = mapped_column(String(255))
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     num_samples: Mapped[int] = mapped_column(Integer)
-    x_shape: Mapped[list[Any]] = mapped_column(JSON)
+    # "tensors" (.npz / .safetensors: x and y) or "images" (a .zip or .tar of class folders).
+    kind: Mapped[str] = mapped_column(String(16), default="tensors", server_default="tensors")
+    # None for image datasets: their samples' shape is the pipeline of the model trained on them.
+    x_shape: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     y_shape: Mapped[list[Any]] = mapped_column(JSON)
     y_kind: Mapped[str] = mapped_column(String(16))
+    # Image datasets: the class folders' names, sorted (label i is classes[i]), and the
+    # [height, width] all images share (None when they differ).
+    classes: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    image_size: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     filename: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -32,6 +32,14 @@ _EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "Y
 
 def open_image(data: bytes, *, max_pixels: int, what: str = "the image") -> Image.Image:
     """The decoded image; 415, 413 or 422 with a code that names the problem."""
+    return load_image(image_header(data, max_pixels=max_pixels, what=what), what=what)
+
+
+def image_header(data: bytes, *, max_pixels: int, what: str = "the image") -> Image.Image:
+    """The image with its header checked and no pixels decoded yet (`load_image` decodes them).
+
+    Apart so that a dataset can add up what its images declare before it decodes any of them.
+    """
     for magic, name in _OTHER_FORMATS.items():
         if data.startswith(magic):
             raise UnsupportedMediaType(
@@ -62,6 +70,11 @@ def open_image(data: bytes, *, max_pixels: int, what: str = "the image") -> Imag
             "channel",
             code="unsupported_image_mode",
         )
+    return image
+
+
+def load_image(image: Image.Image, *, what: str = "the image") -> Image.Image:
+    """Decode the pixels of an image `image_header` checked; 422 when they are truncated."""
     try:
         image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.training.options import EarlyStopping, Keep, LRSchedule, check_schedule
+from service.training.options import Augment, EarlyStopping, Keep, LRSchedule, check_schedule
 
 
 class PreciseBN(BaseModel):
@@ -45,6 +45,8 @@ class TrainParams(BaseModel):
     lr_schedule: LRSchedule | None = None
     bn: Literal["train", "frozen"] = "train"
     precise_bn: PreciseBN | None = None
+    # Image datasets only; applied to the training split by `loader.BatchLoader`.
+    augment: Augment | None = None
 
     @model_validator(mode="after")
     def _momentum_only_for_sgd(self) -> TrainParams:

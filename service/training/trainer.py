@@ -25,6 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 # Re-exported: callers and tests reach these as `trainer.plan_batches`, `trainer.TrainParams`.
 from service.training.batches import StepCallback as StepCallback
 from service.training.batches import plan_batches as plan_batches
+from service.training.loader import BatchLoader, TrainingImages
 from service.training.options import StopReason
 from service.training.params import PreciseBN as PreciseBN
 from service.training.params import TrainParams as TrainParams
@@ -213,6 +214,7 @@ def train(
     device: torch.device = _CPU,
     resume: TrainState | None = None,
     on_state: Callable[[TrainState], None] | None = None,
+    images: TrainingImages | None = None,
 ) -> TrainResult:
     """Train `model` in place on (x, y) and return its kept weights, metrics and validation split.
 
@@ -224,9 +226,16 @@ def train(
     `on_state` gets the full state at the end of every epoch (before `on_epoch`); `train(...,
     resume=that state)` with the same data and params continues after that epoch and ends with
     the same weights and metrics, bit for bit on CPU, as a run that never stopped.
+
+    With `params.augment`, `images` holds the same samples as `x` as pixels: the training
+    batches are then augmented and normalized from them by loader threads beside the step
+    (`loader.BatchLoader`, each sample seeded by job seed, epoch and row, so resuming needs no
+    loader state), while validation, precise_bn and the gate keep `x`, never augmented.
     """
     _check_task(task)
     _check_data(x, y, task)
+    if params.augment is not None and images is None:
+        raise ValueError("augment needs the dataset's images (an image dataset)")
     seed = params.seed if params.seed is not None else secrets.randbits(63)
     if resume is not None and (resume.seed != seed or resume.epoch > params.epochs):
         raise ValueError(
@@ -273,6 +282,19 @@ def train(
                 best = {k: v.detach().to(_CPU, copy=True) for k, v in resume.model.items()}
             selector.restore(resume.selection, best)
 
+    loader = (
+        BatchLoader(
+            images.pixels,
+            y,
+            augment=params.augment,
+            mean=images.mean,
+            std=images.std,
+            seed=seed,
+            threads=images.threads,
+        )
+        if params.augment is not None and images is not None
+        else None
+    )
     try:
         reason: StopReason = "completed"
         for epoch in range(done + 1, params.epochs + 1):
@@ -285,14 +307,18 @@ def train(
             order = train_idx[torch.randperm(train_idx.numel(), generator=order_gen)]
             loss_sum = 0.0
             start = 0
+            batches = loader.epoch(epoch, order, sizes) if loader is not None else None
             for step, size in enumerate(sizes, start=1):
                 if should_stop():
                     return _stopped(metrics, val_idx, seed)
                 rows = order[start : start + size]
                 start += size
                 assert rows.numel() >= 2, "a batch of one must never reach BatchNorm in train mode"
-                xb = x[rows].to(device)
-                yb = y[rows].to(device)
+                if batches is not None:
+                    xb, yb = (t.to(device) for t in next(batches))
+                else:
+                    xb = x[rows].to(device)
+                    yb = y[rows].to(device)
                 optimizer.zero_grad(set_to_none=True)
                 data_loss = _loss(model(xb), yb, task, reduction="mean")
                 loss = data_loss
@@ -309,6 +335,8 @@ def train(
                 loss_sum += float(data_loss.detach()) * size
                 if on_step is not None:
                     on_step(epoch, step, steps)
+            if batches is not None:
+                batches.close()
             if scheduler is not None:
                 scheduler.step()
             val_loss: float | None = None
@@ -365,6 +393,8 @@ def train(
             device,
         )
     finally:
+        if loader is not None:
+            loader.close()
         model.eval()
 
 

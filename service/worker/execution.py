@@ -17,16 +17,23 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from sqlalchemy.orm import Session
 from torch import nn
 
 from models import get_architecture
 from service.architectures import require_running_stats
 from service.checkpoints.validation import state_dict_from_safetensors
+from service.datasets.image_jobs import labels_to_record
+from service.datasets.images import images_to_tensor
+from service.datasets.reader import Dataset
 from service.datasets.store import DatasetStore
-from service.db.tables import DatasetRow, JobRow, ModelRow
+from service.db.tables import DatasetRow, JobRow, ModelRow, VersionRow
+from service.errors import Conflict
+from service.preprocess.pipeline import Preprocess
 from service.publishing import prepare, publish
 from service.registry import InTransaction, Registry
 from service.serving.precision import current_precision
+from service.training.loader import TrainingImages
 from service.training.recalibration import recalibrate_bn
 from service.training.state import TrainState
 from service.training.trainer import EpochMetrics, TrainParams, compare, evaluate, train
@@ -138,6 +145,7 @@ def run_job(
     device: torch.device,
     hooks: JobHooks,
     states: ResumeStore | None = None,
+    loader_threads: int = 0,
 ) -> Outcome:
     model = registry.get_model(job.model_name)
     if model.id != job.model_id:
@@ -160,7 +168,10 @@ def run_job(
     require_running_stats(module, arch.name)
     if parent is not None and saved is None:
         module.load_state_dict(_weights(registry, model, parent))
-    data = datasets.load(dataset_row)
+    augments = job.kind == "train" and bool(job.params.get("augment"))
+    data, images = training_data(
+        datasets, dataset_row, model, loader_threads=loader_threads if augments else None
+    )
     epochs = int(job.params.get("epochs") or 1)
 
     clock = StepClock(epochs)
@@ -230,6 +241,7 @@ def run_job(
             device=device,
             resume=saved[0] if saved is not None else None,
             on_state=on_state,
+            images=images,
         )
         if result.stopped:
             raise Cancelled
@@ -265,6 +277,13 @@ def run_job(
         raise Cancelled
     # One transaction adds the version, promotes it and records it as the job's result, and only
     # for the model this job was created for: exactly once, whatever happens to this process.
+    record = hooks.record_result(promote, kept_epoch, stop_reason)
+    labels = labels_to_record(
+        model.config, dataset_row.classes, fresh=parent is None, job_kind=job.kind
+    )
+    if labels is not None:
+        lineage["class_labels"] = labels
+        record = _with_labels(record, model, labels)
     row = publish(
         registry,
         prepared,
@@ -272,7 +291,7 @@ def run_job(
         note=f"job {job.id}",
         lineage=lineage,
         promote=promote,
-        in_transaction=hooks.record_result(promote, kept_epoch, stop_reason),
+        in_transaction=record,
     )
     log.info("job %s stored %s version %d (promoted: %s)", job.id, model.name, row.version, promote)
     return Outcome(
@@ -281,6 +300,67 @@ def run_job(
         kept_epoch=kept_epoch,
         stop_reason=stop_reason,
     )
+
+
+def training_data(
+    datasets: DatasetStore, row: DatasetRow, model: ModelRow, *, loader_threads: int | None = None
+) -> tuple[Dataset, TrainingImages | None]:
+    """The job's samples as float tensors: a tensor dataset's x, or an image dataset's images
+    through the model's pipeline (the same `normalize` that serving ends in) with their labels;
+    with `loader_threads` (a job that augments), an image dataset's pixels too, for the loader
+    threads that augment them.
+    """
+    if row.kind != "images":
+        return datasets.load(row), None
+    if not model.preprocess:
+        raise ValueError(f"model {model.name!r} has no image pipeline for an image dataset")
+    pipeline = Preprocess.model_validate(model.preprocess).image
+    samples = datasets.load_images(row, pipeline)
+    if list(samples.classes) != list(row.classes or []):
+        raise ValueError("the dataset's class folders differ from its recorded classes")
+    data = Dataset(
+        x=images_to_tensor(samples.images, pipeline),
+        y=torch.from_numpy(samples.labels),
+        y_kind="class",
+    )
+    if loader_threads is None:
+        return data, None
+    images = TrainingImages(
+        pixels=samples.images,
+        mean=tuple(pipeline.mean),
+        std=tuple(pipeline.std),
+        threads=loader_threads,
+    )
+    return data, images
+
+
+def _with_labels(record: InTransaction | None, model: ModelRow, labels: list[str]) -> InTransaction:
+    """`record`, and the dataset's class names become the model's labels in the same commit.
+
+    Only if the model still has none: two fresh-weight jobs on datasets with other classes
+    cannot both name its outputs, so the second one's version is not stored (409).
+    """
+
+    def run(session: Session, version: VersionRow) -> None:
+        if record is not None:
+            record(session, version)
+        current = session.get(ModelRow, model.id, with_for_update=True)
+        if current is None:
+            return  # deleted meanwhile: the version's own insert fails for it
+        existing = current.config.get("class_labels")
+        if existing == labels:
+            return
+        if existing is not None:
+            raise Conflict(
+                f"model {model.name!r} was given labels {existing} while this job trained on "
+                f"classes {labels}; its version was not stored",
+                code="labels_changed",
+            )
+        arch = get_architecture(current.architecture)
+        config = arch.parse_config({**current.config, "class_labels": labels})
+        current.config = config.model_dump(mode="json")
+
+    return run
 
 
 def _log_epoch(job_id: str, epochs: int, m: EpochMetrics, seconds: float) -> None:

@@ -159,7 +159,15 @@ class Worker:
         thread.start()
         ended = False
         try:
-            outcome = run_job(job, self.registry, self.datasets, self.device, hooks, self.states)
+            outcome = run_job(
+                job,
+                self.registry,
+                self.datasets,
+                self.device,
+                hooks,
+                self.states,
+                loader_threads=self.settings.LOADER_THREADS,
+            )
         except Cancelled:
             if self.shutdown.is_set() and not stop.is_set():
                 self._retry(f"job {job.id}: hand back", lambda: self.queue.release(job.id, self.id))

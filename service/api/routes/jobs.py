@@ -14,9 +14,11 @@ from service.api.events import job_events, poll_interval
 from service.api.openapi import errors
 from service.api.schemas import JobCreate, JobPublic, JobSummary
 from service.architectures import check_architecture
+from service.datasets.image_jobs import check_image_job
 from service.datasets.reader import check_labels_for_model, check_shapes_for_model
 from service.db.tables import JobRow
 from service.errors import InvalidInput, NotServing
+from service.training.options import check_augment
 from service.training.trainer import TrainParams, validate_trainable
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -61,6 +63,7 @@ def _validated_params(body: JobCreate, num_samples: int) -> dict[str, Any]:
             "lr_schedule",
             "bn",
             "precise_bn",
+            "augment",
         },
         exclude_none=True,
     )
@@ -97,7 +100,8 @@ def _create(services: Services, body: JobCreate) -> JobRow:
 
     The rows answer every check but the class-id range, so a bad request is refused without
     touching the dataset's file; only then is its `y` read (never `x`, and never all of it twice:
-    the worker verifies the sha256 when it loads the whole dataset).
+    the worker verifies the sha256 when it loads the whole dataset). An image dataset's rows
+    answer every check: its labels are its class folders, checked on upload.
     """
     model = services.registry.get_model(body.model)
     arch = get_architecture(model.architecture)
@@ -112,15 +116,31 @@ def _create(services: Services, body: JobCreate) -> JobRow:
         raise NotServing(f"model {model.name!r} has no serving version to start from")
     if isinstance(base, int):
         services.registry.get_version(model.name, base)
-    check_shapes_for_model(
-        sample_shape=tuple(dataset_row.x_shape[1:]),
-        y_kind=dataset_row.y_kind,
-        y_shape=tuple(dataset_row.y_shape),
-        input_shape=tuple(config.input_shape()),
-        task=config.task,
-        num_outputs=config.num_outputs(),
-    )
-    if config.task == "classification":
+    if dataset_row.kind == "images":
+        check_image_job(
+            model_name=model.name,
+            job_kind=body.kind,
+            classes=list(dataset_row.classes or []),
+            image_size=dataset_row.image_size,
+            num_samples=dataset_row.num_samples,
+            preprocess=model.preprocess,
+            input_shape=tuple(config.input_shape()),
+            task=config.task,
+            num_outputs=config.num_outputs(),
+            class_labels=getattr(config, "class_labels", None),
+            max_bytes=services.settings.max_dataset_bytes,
+        )
+    else:
+        check_shapes_for_model(
+            sample_shape=tuple((dataset_row.x_shape or [])[1:]),
+            y_kind=dataset_row.y_kind,
+            y_shape=tuple(dataset_row.y_shape),
+            input_shape=tuple(config.input_shape()),
+            task=config.task,
+            num_outputs=config.num_outputs(),
+        )
+    _check_augment(body, dataset_row.kind, tuple(config.input_shape()))
+    if config.task == "classification" and dataset_row.kind != "images":
         check_labels_for_model(
             services.datasets.labels(dataset_row), num_outputs=config.num_outputs()
         )
@@ -133,6 +153,22 @@ def _create(services: Services, body: JobCreate) -> JobRow:
         params=params,
         promote=body.promote,
     )
+
+
+def _check_augment(body: JobCreate, dataset_kind: str, input_shape: tuple[int, ...]) -> None:
+    """Augmentation transforms images: refused (422) for tensors, or when it cannot keep the
+    model's input size (the batches are the model's input)."""
+    if body.augment is None:
+        return
+    if dataset_kind != "images":
+        raise InvalidInput(
+            "augment applies to image datasets (a .zip or .tar of class folders); this dataset "
+            "holds tensors, which have no pixels to crop, flip or jitter",
+            code="augment_needs_images",
+        )
+    problem = check_augment(body.augment, input_shape[-2], input_shape[-1])
+    if problem is not None:
+        raise InvalidInput(f"augment: {problem}", code="invalid_augment")
 
 
 @router.post("", status_code=202, dependencies=[WriteAuth], responses=errors(404, 409, 422))

@@ -7,6 +7,13 @@ the protocol's form `{"error": ..., "code": ...}`, and bad requests answer 400 w
 `service.api.errors`), and the document says so (`v2_errors`). Tensors are read and written by
 `service.api.v2_codec`; an infer body in the binary tensor extension is documented as binary
 (`application/octet-stream`), which is all OpenAPI can say of a JSON header followed by raw bytes.
+
+A `BYTES` input (encoded images, for a model created with `preprocess.image`) is decoded through
+the model's pipeline in a thread, as /v1's image bodies are, and its samples join the same
+dynamic batches. An image format bnserve does not take is 400 here, not /v1's 415: the request's
+own media type is right, one of its tensors is not. Model metadata shows the pipeline in its
+`parameters` (the protocol's metadata has no place for it): `preprocess`, and `image_input`, the
+BYTES form `input` also takes.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import Annotated, Any
 import torch
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from models import get_architecture
 from service.api.deps import ReadAuth, Services, ServicesDep
@@ -30,11 +37,13 @@ from service.api.v2_codec import (
     Decoded,
     InferRequest,
     InferResponse,
+    classifications,
     decode_request,
     decompress,
     encode_response,
 )
-from service.errors import BNServeError, NotFound
+from service.errors import BNServeError, InvalidInput, NotFound, UnsupportedMediaType
+from service.preprocess.decode import decode_images
 from service.registry import MAX_VERSION
 from service.serving.loaded import LoadedModel
 from service.serving.manager import response_too_large
@@ -70,7 +79,8 @@ _INFER_DOC: dict[str, Any] = {
                 "schema": _BINARY,
                 "description": "binary tensor extension: the JSON request "
                 "(Inference-Header-Content-Length bytes), then each input's raw little-endian "
-                "bytes (its parameters.binary_data_size)",
+                "bytes (its parameters.binary_data_size); a BYTES input's elements (encoded "
+                "images) each as a 4-byte little-endian length, then that many bytes",
             },
         },
     },
@@ -120,6 +130,12 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
+    parameters: dict[str, Any] | None = Field(
+        default=None,
+        description="only for a model created with preprocess.image: `preprocess` (its "
+        "pipeline, as in the model's JSON) and `image_input`, the BYTES form `input` also takes "
+        "(N encoded images)",
+    )
 
 
 def output_names(is_classifier: bool) -> list[str]:
@@ -130,7 +146,9 @@ def output_names(is_classifier: bool) -> list[str]:
 @router.get("", dependencies=[ReadAuth])
 async def server_metadata(request: Request) -> ServerMetadata:
     return ServerMetadata(
-        name="bnserve", version=request.app.version, extensions=["binary_tensor_data"]
+        name="bnserve",
+        version=request.app.version,
+        extensions=["binary_tensor_data", "classification"],
     )
 
 
@@ -164,6 +182,10 @@ async def _metadata(services: Services, name: str, version: int | None) -> Model
         TensorMetadata(name=n, datatype="FP32", shape=[-1, config.num_outputs()])
         for n in output_names(config.task == "classification")
     ]
+    parameters = None
+    if row.preprocess:
+        image_input = TensorMetadata(name=INPUT_NAME, datatype="BYTES", shape=[-1])
+        parameters = {"preprocess": row.preprocess, "image_input": image_input.model_dump()}
     return ModelMetadata(
         name=row.name,
         versions=versions,
@@ -172,20 +194,36 @@ async def _metadata(services: Services, name: str, version: int | None) -> Model
             TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=[-1, *config.input_shape()])
         ],
         outputs=outputs,
+        parameters=parameters,
     )
 
 
-@router.get("/models/{name}", dependencies=[ReadAuth], responses=v2_errors(404))
-async def model_metadata(name: str, services: ServicesDep) -> ModelMetadata:
+def _metadata_response(meta: ModelMetadata) -> JSONResponse:
+    """The metadata, `parameters` left out for a tensor model (not null: clients read keys)."""
+    return JSONResponse(meta.model_dump(exclude_none=meta.parameters is None))
+
+
+@router.get(
+    "/models/{name}",
+    dependencies=[ReadAuth],
+    response_model=ModelMetadata,
+    responses=v2_errors(404),
+)
+async def model_metadata(name: str, services: ServicesDep) -> JSONResponse:
     """Inputs and outputs of the model; `versions` lists every stored version."""
-    return await _metadata(services, name, None)
+    return _metadata_response(await _metadata(services, name, None))
 
 
-@router.get("/models/{name}/versions/{version}", dependencies=[ReadAuth], responses=v2_errors(404))
+@router.get(
+    "/models/{name}/versions/{version}",
+    dependencies=[ReadAuth],
+    response_model=ModelMetadata,
+    responses=v2_errors(404),
+)
 async def model_version_metadata(
     name: str, version: VersionPath, services: ServicesDep
-) -> ModelMetadata:
-    return await _metadata(services, name, version)
+) -> JSONResponse:
+    return _metadata_response(await _metadata(services, name, version))
 
 
 async def _model_ready(services: Services, name: str, version: int | None) -> ModelReadiness:
@@ -226,7 +264,23 @@ def _decode(body: bytes, request: Request, loaded: LoadedModel, services: Servic
         input_shape=loaded.input_shape,
         output_names=output_names(loaded.is_classifier),
         max_batch=settings.MAX_REQUEST_BATCH,
+        model=loaded.name,
+        takes_images=loaded.image_pipeline is not None,
     )
+
+
+def _decode_images(images: list[bytes], loaded: LoadedModel, services: Services) -> torch.Tensor:
+    """The batch of a BYTES input through the model's pipeline (blocking: call from a thread)."""
+    assert loaded.image_pipeline is not None  # decode_request refused BYTES otherwise
+    try:
+        return decode_images(
+            images,
+            loaded.image_pipeline,
+            loaded.input_shape,
+            max_pixels=services.settings.MAX_IMAGE_PIXELS,
+        )
+    except UnsupportedMediaType as exc:  # the body's media type is fine; an image in it is not
+        raise InvalidInput(exc.detail, code=exc.code) from None
 
 
 def _encode(
@@ -237,9 +291,12 @@ def _encode(
     large: bool,
 ) -> tuple[bytes, int | None]:
     tensors = []
-    for name, binary in decoded.outputs:
-        value = probs if name == "probabilities" and probs is not None else out
-        tensors.append((name, value.numpy(), binary))
+    for output in decoded.outputs:
+        value = probs if output.name == "probabilities" and probs is not None else out
+        array = value.numpy()
+        if output.classes is not None:
+            array = classifications(array, output.classes, loaded.labels)
+        tensors.append((output.name, array, output.binary))
     return encode_response(
         model_name=loaded.name,
         model_version=loaded.version,
@@ -256,14 +313,19 @@ async def _infer(request: Request, services: Services, name: str, version: int |
     settings = services.settings
     metrics = services.metrics
     outcome = "error"
+    x: torch.Tensor | None = None
     try:
         body = await request.body()
         decode = partial(_decode, body, request, loaded, services)
         decoded = decode() if len(body) <= OFFLOAD_BYTES else await asyncio.to_thread(decode)
-        n, per_sample = int(decoded.x.shape[0]), loaded.config.num_outputs() * len(decoded.outputs)
+        n = int(decoded.x.shape[0]) if decoded.x is not None else len(decoded.images)
+        per_sample = loaded.config.num_outputs() * len(decoded.outputs)
         if n * per_sample > settings.MAX_RESPONSE_VALUES:
             raise response_too_large(n, per_sample, settings.MAX_RESPONSE_VALUES)
-        out, probs = await handle.predict(decoded.x, settings.PREDICT_TIMEOUT_S)
+        x = decoded.x
+        if x is None:
+            x = await asyncio.to_thread(_decode_images, decoded.images, loaded, services)
+        out, probs = await handle.predict(x, settings.PREDICT_TIMEOUT_S)
         large = out.numel() * 4 * len(decoded.outputs) > OFFLOAD_BYTES
         encode = partial(_encode, loaded, decoded, out, probs, large)
         content, header_length = await asyncio.to_thread(encode) if large else encode()
@@ -272,7 +334,7 @@ async def _infer(request: Request, services: Services, name: str, version: int |
         outcome = exc.code
         raise
     finally:
-        n = int(decoded.x.shape[0]) if outcome == "ok" else 0
+        n = int(x.shape[0]) if outcome == "ok" and x is not None else 0
         metrics.prediction_done(name, loaded.version, outcome, time.perf_counter() - started, n)
     headers = {"X-Model-Version": str(loaded.version)}
     if header_length is None:
