@@ -196,3 +196,55 @@ def test_a_bucket_that_does_not_exist_stops_the_start_in_one_line(s3: S3Endpoint
     assert "s3://no-such-bucket" in str(refused.value)
     assert "\n" not in str(refused.value)
     assert "testing" not in str(refused.value)  # no credential
+
+
+def test_datasets_and_image_archives_go_to_the_bucket_and_are_verified_elsewhere(
+    s3: S3Endpoint, tmp_path: Path
+) -> None:
+    """Two hosts' dataset stores on one database (SQLite here: the store needs no locks) and one
+    bucket: what one adds, the other loads after a verified download; a tampered object is
+    `corrupt_dataset`; an unreferenced object goes in the sweep once past the grace."""
+    import numpy as np
+
+    from service.datasets.remote import ObjectDatasetStore
+    from service.db.engine import make_engine, make_sessionmaker, migrate
+    from service.preprocess.pipeline import ImagePipeline
+    from tests.helpers_images import shapes, zip_of
+    from tests.helpers_jobs import npz_bytes
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate(engine, tmp_path)
+    sessions = make_sessionmaker(engine)
+    storage = S3Storage(s3.bucket, "p")
+
+    def host(name: str) -> ObjectDatasetStore:
+        owner = Owner(tmp_path / name)
+        _owners.append(owner)
+        cache = LocalCache(tmp_path / name / "cache", storage, owner, 1 << 30)
+        return ObjectDatasetStore(cache, owner, sessions, None, grace_s=1.5)
+
+    a, b = host("a"), host("b")
+    tensors, images = tmp_path / "t.npz", tmp_path / "i.zip"
+    tensors.write_bytes(npz_bytes(x=np.zeros((4, 2), np.float32), y=np.array([0, 1, 0, 1])))
+    images.write_bytes(zip_of(shapes(per_class=2)))
+    t_row = a.add(tensors, "t.npz", "t")
+    i_row = a.add(images, "i.zip", "i")
+    assert s3.keys("p/datasets/") == sorted(f"p/datasets/{r.filename}" for r in (t_row, i_row))
+    assert b.load(t_row).num_samples == 4
+    assert b.labels(t_row).tolist() == [0, 1, 0, 1]
+    pipeline = ImagePipeline(mode="L", resize=16, mean=[0.5], std=[0.5])
+    assert len(b.load_images(i_row, pipeline).labels) == 4
+
+    s3.client().put_object(Bucket=s3.bucket, Key=f"p/datasets/{t_row.filename}", Body=b"bad")
+    with pytest.raises(CorruptCheckpoint) as refused:
+        host("c").load(t_row)
+    assert refused.value.code == "corrupt_dataset"
+
+    orphan = tmp_path / "orphan"
+    orphan.write_bytes(b"no row")
+    storage.put_file("datasets/orphan.npz", orphan)
+    assert b.recover() == []  # younger than the grace (S3 times are whole seconds)
+    time.sleep(1.6)
+    assert b.recover() == ["removed unreferenced dataset object datasets/orphan.npz"]
+    assert len(s3.keys("p/datasets/")) == 2
+    engine.dispose()
