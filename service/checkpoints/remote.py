@@ -63,13 +63,13 @@ class ObjectCheckpointStore:
         crash_after_put: bool = False,
     ) -> None:
         self.storage = storage
-        self.crash_after_put = crash_after_put  # test-only fault injection (settings)
         self.cache = cache
         self.owner = owner
         self.locks = locks
         self.grace_s = grace_s
         self.root = cache.root  # where local bytes go (a full disk there is a 507)
         self._held: dict[str, Connection] = {}  # staged temp path -> its lock connection
+        self.crash_after_put = crash_after_put  # BNSERVE_TEST_CRASH_POINT, tests only
 
     def close(self) -> None:
         if self.locks is not None:
@@ -82,7 +82,9 @@ class ObjectCheckpointStore:
     def stage(self, model_id: str, data: bytes) -> StagedCheckpoint:
         sha = hashlib.sha256(data).hexdigest()
         temp = self.owner.temp_path(self.root, tag=sha)
-        conn = self.locks.acquire_shared(SWEEP_LOCK) if self.locks else None
+        locks = self.locks
+        # Held until `publish` or `discard`, after the registry's commit (module docstring).
+        conn = locks.acquire_shared(SWEEP_LOCK) if locks is not None else None
         try:
             with disk_full_as_error(self.root):
                 write_durably(temp, [data])
@@ -91,8 +93,8 @@ class ObjectCheckpointStore:
                 os.kill(os.getpid(), signal.SIGKILL)
         except BaseException:
             temp.unlink(missing_ok=True)
-            if conn is not None:
-                self.locks.release(conn)  # type: ignore[union-attr]
+            if locks is not None and conn is not None:
+                locks.release(conn)
             raise
         if conn is not None:
             self._held[str(temp)] = conn

@@ -73,9 +73,7 @@ class LocalCache:
             except ObjectMissing:
                 raise NotFound(
                     f"{what} is missing from {self.storage.describe()} (object {key})",
-                    code="checkpoint_missing"
-                    if code == "corrupt_checkpoint"
-                    else "dataset_missing",
+                    code=missing,
                 ) from None
             with temp.open("rb") as handle:
                 found = hashlib.file_digest(handle, "sha256").hexdigest()
