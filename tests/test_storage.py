@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from service.checkpoints.remote import SWEEP_LOCK, ObjectCheckpointStore, object_key, sweep
+from service.checkpoints.remote import ObjectCheckpointStore, object_key
 from service.errors import CorruptCheckpoint, NotFound
 from service.files import Owner
 from service.startup import StartupError, check_storage, load_settings
 from service.storage.cache import LocalCache
 from service.storage.local import LocalStorage
 from service.storage.s3 import S3Storage
+from service.storage.sweep import SWEEP_LOCK, sweep
 from tests.conftest import TOKEN
 from tests.helpers_s3 import S3Endpoint, s3_fixture, s3_server_fixture  # noqa: F401 - fixtures
 

@@ -20,11 +20,9 @@ downloads; each read hashes its copy again, as the local store does.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import signal
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
 
@@ -36,13 +34,10 @@ from service.errors import CorruptCheckpoint
 from service.files import Owner, disk_full_as_error, write_durably
 from service.storage import ObjectStorage
 from service.storage.cache import LocalCache
-
-log = logging.getLogger(__name__)
+from service.storage.sweep import SWEEP_LOCK, sweep
 
 PREFIX = "checkpoints/"
 SUFFIX = ".safetensors"
-# The name of the advisory lock that publishes share and the sweep takes alone.
-SWEEP_LOCK = "bnserve:storage-sweep"
 
 
 def object_key(model_id: str, sha256: str) -> str:
@@ -169,51 +164,3 @@ class ObjectCheckpointStore:
             self.grace_s,
             what="checkpoint",
         )
-
-
-def sweep(
-    storage: ObjectStorage,
-    locks: AdvisoryLocks | None,
-    prefix: str,
-    referenced: Callable[[], set[str]],
-    grace_s: float,
-    *,
-    what: str,
-) -> list[str]:
-    """Delete objects under `prefix` that no row names and that are older than `grace_s`.
-
-    Objects are listed before the rows are read (an object committed meanwhile is then named),
-    under the exclusive sweep lock (no publish is between its put and its commit); each object
-    is looked at again just before it goes, since a put of the same bytes makes it young again.
-    """
-    if locks is None:
-        return _sweep(storage, prefix, referenced, grace_s, what)
-    with locks.try_exclusive(SWEEP_LOCK) as taken:
-        if not taken:
-            log.info("%s sweep skipped: a publish is in flight or another replica sweeps", what)
-            return []
-        return _sweep(storage, prefix, referenced, grace_s, what)
-
-
-def _sweep(
-    storage: ObjectStorage,
-    prefix: str,
-    referenced: Callable[[], set[str]],
-    grace_s: float,
-    what: str,
-) -> list[str]:
-    listed = list(storage.list(prefix))
-    known = referenced()
-    removed: list[str] = []
-    for info in listed:
-        if info.key in known:
-            continue
-        cutoff = datetime.now(UTC) - timedelta(seconds=grace_s)
-        now = storage.info(info.key)
-        if now is None or now.modified > cutoff:
-            continue
-        storage.delete(info.key)
-        removed.append(f"removed unreferenced {what} object {info.key}")
-    for action in removed:
-        log.warning("storage sweep: %s", action)
-    return removed

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.checkpoints.remote import SWEEP_LOCK, sweep
 from service.datasets.reader import DEFAULT_MAX_BYTES
 from service.datasets.store import DatasetStore
 from service.db.advisory import AdvisoryLocks
@@ -23,6 +22,7 @@ from service.errors import CorruptCheckpoint
 from service.files import Owner, sha256_file
 from service.storage import ObjectStorage
 from service.storage.cache import LocalCache
+from service.storage.sweep import SWEEP_LOCK, sweep
 
 PREFIX = "datasets/"
 
