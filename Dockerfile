@@ -29,7 +29,7 @@ ENV VENV=/opt/bnserve \
 WORKDIR /app
 COPY . /app
 # The pip cache is a build cache, not a layer: the image keeps only the environment.
-RUN --mount=type=cache,target=/root/.cache/pip scripts/dev.sh install "[postgres]"
+RUN --mount=type=cache,target=/root/.cache/pip scripts/dev.sh install "[postgres,s3]"
 # Bytecode made now, as root: the unprivileged user cannot write it next to the code at run time.
 RUN python -m compileall -q service models
 

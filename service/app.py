@@ -34,8 +34,6 @@ from service.api.routes import (
 )
 from service.api.routes.ui import install_ui
 from service.api.token_gate import TokenGate
-from service.checkpoints.store import CheckpointStore
-from service.datasets.store import DatasetStore
 from service.db.engine import engine_for, make_sessionmaker, migrate
 from service.db.threads import DatabaseThreads
 from service.demo import seed_demo
@@ -49,6 +47,7 @@ from service.serving.device import resolve_device
 from service.serving.manager import ModelManager
 from service.serving.precision import apply_precision, backend_precisions
 from service.settings import Settings
+from service.stores import open_stores
 from service.worker.resume import ResumeStore
 from service.worker.supervisor import WorkerSupervisor
 
@@ -69,16 +68,9 @@ def build_services(settings: Settings) -> Services:
     migrate(engine, settings.DATA_DIR)
     sessions = make_sessionmaker(engine)
     owner = Owner(settings.DATA_DIR)
-    registry = Registry(sessions, CheckpointStore(settings.checkpoint_dir, owner))
+    checkpoints, datasets = open_stores(settings, owner, sessions)
+    registry = Registry(sessions, checkpoints)
     registry.recover_store()
-    datasets = DatasetStore(
-        settings.dataset_dir,
-        owner,
-        sessions,
-        max_bytes=settings.max_dataset_bytes,
-        max_image_pixels=settings.MAX_IMAGE_PIXELS,
-        max_files=settings.MAX_DATASET_FILES,
-    )
     datasets.recover()
     owner.sweep(settings.upload_dir)
     owner.sweep_owners()
@@ -135,6 +127,22 @@ def job_pruner(settings: Settings, jobs: JobQueue) -> PeriodicLoop | None:
     return PeriodicLoop("job pruning", settings.job_prune_interval_s(), prune)
 
 
+def storage_sweeper(settings: Settings, services: Services) -> PeriodicLoop | None:
+    """With remote storage, the loop that removes objects no row names once past the grace (a
+    crash between an object's put and its row's commit leaves one); one replica at a time."""
+    if not settings.remote_storage:
+        return None
+    registry, datasets = services.registry, services.datasets
+
+    async def sweep() -> None:
+        await asyncio.to_thread(registry.recover_store)
+        await asyncio.to_thread(datasets.recover)
+
+    loop = PeriodicLoop("storage sweep", settings.storage_sweep_interval_s(), sweep)
+    loop.start()
+    return loop
+
+
 def queued_gauge_loop(services: Services) -> PeriodicLoop | None:
     """In multiprocess mode the scraped process cannot see the others' queues: each process
     writes its own queue length every second (the one process of single mode does it at scrape)."""
@@ -162,9 +170,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if pruner is not None:
         pruner.start()
     gauges = queued_gauge_loop(services)
+    sweeper = storage_sweeper(settings, services)
     try:
         yield
     finally:
+        if sweeper is not None:
+            await sweeper.stop()
         if gauges is not None:
             await gauges.stop()
         if pruner is not None:

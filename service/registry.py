@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from models import Architecture, ConfigError, UnknownArchitecture, get_architecture
+from service.checkpoints.remote import ObjectCheckpointStore
 from service.checkpoints.store import CheckpointStore
 from service.db.engine import read_sessions
 from service.db.tables import ModelRow, VersionRow, utcnow
@@ -81,7 +82,9 @@ def _no_version(name: str, version: int) -> NotFound:
 
 
 class Registry:
-    def __init__(self, sessions: sessionmaker[Session], store: CheckpointStore) -> None:
+    def __init__(
+        self, sessions: sessionmaker[Session], store: CheckpointStore | ObjectCheckpointStore
+    ) -> None:
         self._sessions = sessions
         self._reads = read_sessions(sessions)
         self.store = store
@@ -91,6 +94,7 @@ class Registry:
         bind = self._sessions.kw.get("bind")
         if isinstance(bind, Engine):
             bind.dispose()
+        self.store.close()
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:

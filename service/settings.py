@@ -7,10 +7,11 @@ tests build their own.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Shorter bearer tokens are refused: a short one can be guessed, an empty one matches nothing sent.
@@ -27,6 +28,18 @@ class Settings(BaseSettings):
     DATA_DIR: Path = Path("./data")
     # Empty means the SQLite file `<DATA_DIR>/bnserve.db`; `postgresql://` selects PostgreSQL.
     DATABASE_URL: str = ""
+    # Where checkpoints and datasets live: empty is the data dir (one host, or hosts sharing the
+    # folder with working file locks); `s3://bucket/prefix` is any S3-compatible object store,
+    # reached with the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_REGION,
+    # ...), so replicas on different hosts share only it and the database (README).
+    STORAGE_URL: str = ""
+    # Bytes of downloaded versions and datasets each process keeps in `<DATA_DIR>/cache` when the
+    # storage is remote (least recently used go first; what is being read is never evicted).
+    CACHE_BYTES: int = Field(4 << 30, ge=0)
+    # An object in remote storage that no row names is deleted once it is older than this: a
+    # crash between an object's write and its row's commit leaves one, and a publish still in
+    # flight on another replica (write, then commit) is younger than this, so it is kept.
+    STORAGE_SWEEP_GRACE_S: float = Field(3600.0, gt=0)
     DEVICE: str = "auto"
     API_TOKEN: str | None = None
     # Reads and predictions need the token too; /readyz then names no models to callers without it.
@@ -133,8 +146,10 @@ class Settings(BaseSettings):
     # loosen with it (service/serving/precision.py). PyTorch's own default runs convs in TF32.
     FP32_PRECISION: Literal["ieee", "tf32"] = "ieee"
     # Test-only fault injection, never for production: `after_publish` makes a training worker
-    # SIGKILL itself right after it stored a job's version, before it marks the job finished.
-    TEST_CRASH_POINT: Literal["", "after_publish"] = ""
+    # SIGKILL itself right after it stored a job's version, before it marks the job finished;
+    # `after_object_put` makes any process SIGKILL itself when a version's object is in remote
+    # storage and its row not yet committed.
+    TEST_CRASH_POINT: Literal["", "after_publish", "after_object_put"] = ""
     # Create and train a demo model on the first start of an empty registry.
     DEMO: bool = True
     LOG_LEVEL: Literal["debug", "info", "warning", "error"] = "info"
@@ -165,8 +180,6 @@ class Settings(BaseSettings):
     @field_validator("DEVICE")
     @classmethod
     def _check_device(cls, value: str) -> str:
-        import re
-
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
             raise ValueError("BNSERVE_DEVICE must be auto, cpu, cuda, cuda:N or mps")
         return value
@@ -177,6 +190,45 @@ class Settings(BaseSettings):
         if value and not value.startswith(("sqlite", "postgresql")):
             raise ValueError("BNSERVE_DATABASE_URL must be a sqlite:// or postgresql:// URL")
         return value
+
+    @field_validator("STORAGE_URL")
+    @classmethod
+    def _check_storage(cls, value: str) -> str:
+        if value and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^/].*)?", value):
+            raise ValueError(
+                "BNSERVE_STORAGE_URL must be empty (the data dir) or s3://bucket[/prefix] with a "
+                "valid bucket name"
+            )
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _remote_storage_needs_shared_state(self) -> Settings:
+        """Remote storage means replicas on several hosts: SQLite and a token file in each host's
+        data dir cannot be shared across them, so such a start is refused rather than split."""
+        if self.STORAGE_URL and not self.DATABASE_URL.startswith("postgresql"):
+            raise ValueError(
+                "BNSERVE_STORAGE_URL (remote storage) needs a postgresql:// BNSERVE_DATABASE_URL: "
+                "SQLite cannot be shared across hosts"
+            )
+        if self.STORAGE_URL and not self.API_TOKEN:
+            raise ValueError(
+                "BNSERVE_STORAGE_URL (remote storage) needs BNSERVE_API_TOKEN: a token generated "
+                "in one host's data dir would differ on the others"
+            )
+        return self
+
+    @property
+    def remote_storage(self) -> bool:
+        return bool(self.STORAGE_URL)
+
+    @property
+    def cache_dir(self) -> Path:
+        """This process's copies of remote objects (remote storage only)."""
+        return self.DATA_DIR / "cache"
+
+    def storage_sweep_interval_s(self) -> float:
+        """How often unreferenced remote objects are swept: a quarter of the grace, 10 s - 1 h."""
+        return min(3600.0, max(10.0, self.STORAGE_SWEEP_GRACE_S / 4))
 
     @property
     def database_url(self) -> str:

@@ -73,6 +73,9 @@ def describe(exc: ValidationError) -> str:
         field = Settings.model_fields.get(name)
         message = str(error["msg"]).removeprefix("Value error, ")
         given = error.get("input")
+        if not name:  # a rule across settings: its message names them
+            lines.append(f"invalid settings: {message}")
+            continue
         # Secrets (a token, a URL's password) are never echoed, not even in an error.
         hidden = name in _SECRETS or not isinstance(given, str)
         shown = "" if hidden else f"={shorten(given, 80)!r}"
@@ -143,7 +146,31 @@ def preflight(settings: Settings) -> torch.device:
     except ImportError as exc:
         raise StartupError(f"BNSERVE_ARCHITECTURE_PLUGINS: {exc}") from None
     check_database(settings)
+    check_storage(settings)
     return device
+
+
+def check_storage(settings: Settings) -> None:
+    """A bucket that cannot be reached, or read with these credentials, stops the start in one
+    line (the endpoint and the bucket named, never a credential)."""
+    if not settings.remote_storage:
+        return
+    try:
+        from service.storage.s3 import S3Storage
+    except ImportError:
+        raise StartupError(
+            "BNSERVE_STORAGE_URL=s3://... needs boto3: pip install 'bnserve[s3]'"
+        ) from None
+    storage = S3Storage.from_url(settings.STORAGE_URL)
+    try:
+        storage.check()
+    except Exception as exc:
+        endpoint = storage.client.meta.endpoint_url
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise StartupError(
+            f"cannot use the bucket of BNSERVE_STORAGE_URL ({storage.describe()} at {endpoint}): "
+            f"{reason}"
+        ) from None
 
 
 def check_database(settings: Settings) -> None:

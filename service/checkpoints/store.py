@@ -59,6 +59,9 @@ class CheckpointStore:
     def model_dir(self, model_id: str) -> Path:
         return self.root / model_id
 
+    def close(self) -> None:
+        """Nothing to release: the folder's locks belong to the process's `Owner`."""
+
     def stage(self, model_id: str, data: bytes) -> StagedCheckpoint:
         """Write `data` to a temp file (removed again on failure; 507 when the disk is full)."""
         folder = self.model_dir(model_id)

@@ -107,11 +107,20 @@ class DatasetStore:
                 # The upload sits in the same data dir, so this is a rename, not a copy.
                 fsync_file(upload)
                 os.replace(upload, staged)
-                with self._sessions.begin() as session:
-                    session.add(row)
+                self._insert(staged, row)
         except BaseException:
             staged.unlink(missing_ok=True)
             raise
+        self._keep(staged, final, row)
+        return row
+
+    def _insert(self, staged: Path, row: DatasetRow) -> None:
+        """Commit the row (object storage puts the object first: service/datasets/remote.py)."""
+        with self._sessions.begin() as session:
+            session.add(row)
+
+    def _keep(self, staged: Path, final: Path, row: DatasetRow) -> None:
+        """The row is committed: give the staged file its final name."""
         # Even when `final` exists (identical bytes stored before): replacing it with the same
         # bytes is harmless, and it cannot then be an orphan that a recovery removes meanwhile.
         try:
@@ -120,7 +129,6 @@ class DatasetStore:
             # Another process's `recover` rolled it forward between our commit and this rename.
             if not final.exists():
                 raise
-        return row
 
     def get(self, dataset_id: str) -> DatasetRow:
         with self._reads.begin() as session:
@@ -143,6 +151,7 @@ class DatasetStore:
         return load_image_samples(self._verified(row), pipeline, self.image_limits, kind=kind)
 
     def _verified(self, row: DatasetRow) -> Path:
+        """The dataset's file once it hashes to the recorded sha256."""
         path = self.root / row.filename
         if not path.exists():
             self._roll_forward(row.filename, row.sha256)
@@ -156,7 +165,10 @@ class DatasetStore:
 
     def labels(self, row: DatasetRow) -> torch.Tensor:
         """Only the stored `y`, as read on upload; `load` (in the worker) checks the sha256."""
-        return read_labels(self.root / row.filename, row.filename, max_bytes=self.max_bytes)
+        return read_labels(self._unverified(row), row.filename, max_bytes=self.max_bytes)
+
+    def _unverified(self, row: DatasetRow) -> Path:
+        return self.root / row.filename
 
     def _roll_forward(self, filename: str, sha256: str) -> bool:
         """Finish a store that a crash cut between the row's commit and the rename."""

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from models import get_architecture
+from service.checkpoints.remote import ObjectCheckpointStore
 from service.checkpoints.validation import state_dict_from_safetensors
 from service.db.retry import is_transient
 from service.db.tables import ModelRow, VersionRow
@@ -246,6 +247,15 @@ class ModelManager:
         self.on_loaded: Callable[[dict[tuple[str, int], int]], None] | None = None
         # Each drift measurement (model, version, score or None); called on the drift thread.
         self.on_drift: Callable[[str, int, float | None], None] | None = None
+        store = registry.store
+        if isinstance(store, ObjectCheckpointStore):
+            # Remote storage: the local copies of loaded versions are never evicted.
+            store.cache.in_use = self.loaded_sha256s
+
+    def loaded_sha256s(self) -> set[str]:
+        """The sha256s of every version held here (called from other threads: copies only)."""
+        handles = list(self._serving.values()) + list(self._cache.values())
+        return {handle.loaded.sha256 for handle in handles}
 
     # Life cycle
 

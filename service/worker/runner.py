@@ -29,8 +29,6 @@ from typing import Any, TypeVar
 
 import torch
 
-from service.checkpoints.store import CheckpointStore
-from service.datasets.store import DatasetStore
 from service.db.engine import engine_for, make_sessionmaker, migrate
 from service.db.retry import Backoff, describe, is_transient, retrying
 from service.db.tables import JobRow
@@ -40,6 +38,7 @@ from service.registry import Registry
 from service.serving.device import resolve_device
 from service.serving.precision import apply_precision, backend_precisions
 from service.settings import Settings
+from service.stores import open_stores
 from service.worker.execution import Cancelled, JobHooks, run_job
 from service.worker.resume import ResumeStore
 
@@ -62,15 +61,8 @@ class Worker:
         migrate(engine, settings.DATA_DIR)
         sessions = make_sessionmaker(engine)
         self.owner = Owner(settings.DATA_DIR)
-        self.registry = Registry(sessions, CheckpointStore(settings.checkpoint_dir, self.owner))
-        self.datasets = DatasetStore(
-            settings.dataset_dir,
-            self.owner,
-            sessions,
-            max_bytes=settings.max_dataset_bytes,
-            max_image_pixels=settings.MAX_IMAGE_PIXELS,
-            max_files=settings.MAX_DATASET_FILES,
-        )
+        checkpoints, self.datasets = open_stores(settings, self.owner, sessions)
+        self.registry = Registry(sessions, checkpoints)
         self.queue = JobQueue(sessions)
         self.states = ResumeStore(settings.resume_dir, self.owner)
         apply_precision(settings.FP32_PRECISION)
