@@ -8,6 +8,7 @@ import hashlib
 import io
 import struct
 import tarfile
+import tracemalloc
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 
 from models import get_architecture
+from service.datasets.archives import open_archive, zip_entry_count
 from service.datasets.images import ImageLimits, images_to_tensor, load_image_samples
 from service.errors import InvalidDataset
 from service.preprocess.decode import decode_images
@@ -214,6 +216,63 @@ def test_refused_archives_name_the_problem_and_store_nothing(
     _assert_nothing_stored(client, server)
 
 
+def _with_declared_count(data: bytes, count: int) -> bytes:
+    """A zip whose end-of-central-directory record declares `count` entries."""
+    at = data.rfind(b"PK\x05\x06")
+    patch = struct.pack("<HH", count, count)
+    return data[: at + 8] + patch + data[at + 12 :]
+
+
+def _understated_member() -> bytes:
+    """A zip whose member declares 10 bytes but inflates to 50 MB (zipfile's `read` would
+    inflate all of it before cutting it short)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in shapes().items():
+            zf.writestr(name, data)
+        zf.writestr("square/big.png", bytes(50 << 20))
+    data = bytearray(buffer.getvalue())
+    # Patch the declared (uncompressed) size of the last member, in its local header and in the
+    # central directory, to 10 bytes.
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        at = data.rfind(signature)
+        data[at + offset : at + offset + 4] = struct.pack("<I", 10)
+    return bytes(data)
+
+
+def test_a_member_that_inflates_past_its_declared_size_is_named_not_inflated(
+    client: httpx.Client, server: ThreadServer
+) -> None:
+    body = assert_error(
+        upload_dataset(client, _understated_member(), "x.zip"), 422, "invalid_dataset"
+    )
+    assert "square/big.png" in {f["file"] for f in body["files"]}
+    _assert_nothing_stored(client, server)
+
+
+def test_zip_entries_are_counted_from_the_directory_and_members_read_within_their_size(
+    tmp_path: Path,
+) -> None:
+    crowded = {f"{k}/{i}.png": encoded(Image.new("L", (2, 2))) for k in CLASSES for i in range(7)}
+    lying = tmp_path / "lying.zip"
+    lying.write_bytes(_with_declared_count(zip_of(crowded), 1))
+    assert zip_entry_count(lying, stop_after=100) == 14, "not the end record's 1"
+    assert zip_entry_count(lying, stop_after=5) == 6, "the walk stops past the limit"
+
+    understated = tmp_path / "understated.zip"
+    understated.write_bytes(_understated_member())
+    with open_archive(understated, "x.zip", "zip", max_bytes=1 << 30, max_members=100) as archive:
+        member = next(m for m in archive.members if m.name == "square/big.png")
+        tracemalloc.start()
+        try:
+            with pytest.raises(InvalidDataset):
+                archive.read(member)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak < 4 << 20, f"inflated {peak} bytes for a member that declares 10"
+
+
 def test_archives_past_the_limits_are_413_before_any_image_is_read(tmp_path: Path) -> None:
     files = shapes()
     with running(tmp_path / "data", MAX_DATASET_BYTES=4096, MAX_DATASET_FILES=12) as (srv, c):
@@ -233,6 +292,12 @@ def test_archives_past_the_limits_are_413_before_any_image_is_read(tmp_path: Pat
             upload_dataset(c, zip_of(crowded), "crowded.zip"), 413, "too_many_files"
         )
         assert "BNSERVE_MAX_DATASET_FILES" in body["detail"]
+        # The end record's count says 1: zipfile would parse all 14 entries regardless (by the
+        # directory's byte size), so the directory's headers are what is counted.
+        lying = _with_declared_count(zip_of(crowded), 1)
+        with zipfile.ZipFile(io.BytesIO(lying)) as zf:
+            assert len(zf.infolist()) == 14
+        body = assert_error(upload_dataset(c, lying, "lying.zip"), 413, "too_many_files")
         _assert_nothing_stored(c, srv)
         assert upload_dataset(c, zip_of(files), "ok.zip").status_code == 201
 

@@ -203,6 +203,10 @@ BAD = [
     pytest.param(_animated_png, 422, "animated_image", id="animated"),
     pytest.param(_sixteen_bit, 422, "unsupported_image_mode", id="16-bit"),
     pytest.param(lambda: _bomb_png(50_000, 50_000), 413, "image_too_large", id="bomb"),
+    # Within the pixel limit, but Resize(28) of its short side would make it 28 x 5.6 million.
+    pytest.param(
+        lambda: _png(_picture((1, 200_000), "L")), 413, "image_too_large", id="aspect-bomb"
+    ),
     pytest.param(lambda: _png(_picture((20, 20), "L")), 200, None, id="small-is-resized"),
 ]
 

@@ -5,8 +5,9 @@ time by the image reader. The names are still checked as if they were extracted 
 paths, no `..`), since a dataset that means to climb out of its folder is hostile, not data.
 Tar links, devices and FIFOs are refused (a regular file or a folder is all an image dataset
 holds), and so are zip members whose Unix mode says symlink. The sizes the archive declares are
-added up and held to the dataset limit before anything is read; `zipfile` inflates no member
-past its declared size, and tar stores its members uncompressed (compressed tars are refused).
+added up and held to the dataset limit before anything is read; no zip member is inflated
+past its declared size (reads are bounded by it), and tar stores its members
+uncompressed (compressed tars are refused).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from service.errors import InvalidDataset, PayloadTooLarge, shorten
 
@@ -69,7 +70,10 @@ def image_archive_kind(path: Path, filename: str, *, max_members: int) -> Archiv
         if filename.lower().endswith(".npz"):
             return None
         # Before zipfile parses the directory: a 1 GB zip of empty entries is 20 million objects.
-        declared = zip_entry_count(path)
+        try:
+            declared = zip_entry_count(path, stop_after=max_members)
+        except (ValueError, OSError, struct.error):
+            return "zip" if filename.lower().endswith(".zip") else None
         if declared is not None and declared > max_members:
             raise _too_many(filename, max_members)
         try:
@@ -91,8 +95,15 @@ def image_archive_kind(path: Path, filename: str, *, max_members: int) -> Archiv
     return kind
 
 
-def zip_entry_count(path: Path) -> int | None:
-    """The entries a zip's end-of-central-directory record declares (zip64's too), or None."""
+def zip_entry_count(path: Path, *, stop_after: int) -> int | None:
+    """The entries of a zip's central directory, counted header by header without building
+    them (up to `stop_after + 1`), or None where the end record cannot be found.
+
+    The end record's own count can lie (zipfile reads the directory by its byte size and
+    ignores it), so the headers are walked: each is 46 bytes plus its name, extra field and
+    comment. A directory that is not where the end record says is refused, since zipfile
+    would then parse it from elsewhere, past this count.
+    """
     size = path.stat().st_size
     with path.open("rb") as f:
         start = max(0, size - _EOCD_SEARCH)
@@ -101,20 +112,48 @@ def zip_entry_count(path: Path) -> int | None:
         at = tail.rfind(b"PK\x05\x06")
         if at < 0 or len(tail) < at + 22:
             return None
-        (count,) = struct.unpack("<H", tail[at + 10 : at + 12])
-        if count != 0xFFFF:
-            return int(count)
-        # zip64: a locator 20 bytes before the record points at the zip64 record.
-        locator = tail[at - 20 : at] if at >= 20 else b""
-        if not locator.startswith(b"PK\x06\x07"):
-            return None
-        (offset,) = struct.unpack("<Q", locator[8:16])
-        f.seek(offset)
-        record = f.read(56)
-    if not record.startswith(b"PK\x06\x06") or len(record) < 40:
-        return None
-    (total,) = struct.unpack("<Q", record[32:40])
-    return int(total)
+        count, cd_size, cd_offset = struct.unpack("<HII", tail[at + 10 : at + 20])
+        if count == 0xFFFF or cd_offset == 0xFFFFFFFF or cd_size == 0xFFFFFFFF:
+            # zip64: a locator 20 bytes before the record points at the zip64 record.
+            locator = tail[at - 20 : at] if at >= 20 else b""
+            if not locator.startswith(b"PK\x06\x07"):
+                return None
+            (offset,) = struct.unpack("<Q", locator[8:16])
+            f.seek(offset)
+            record = f.read(56)
+            if not record.startswith(b"PK\x06\x06") or len(record) < 56:
+                return None
+            count, cd_size, cd_offset = struct.unpack("<QQQ", record[32:56])
+        return _walk_directory(f, cd_offset, cd_size, stop_after)
+
+
+def _walk_directory(f: BinaryIO, offset: int, size: int, stop_after: int) -> int:
+    """Count central-directory headers from `offset` over `size` bytes, reading in blocks."""
+    f.seek(offset)
+    count, left, buffer = 0, size, b""
+    while left > 0 or buffer:
+        if len(buffer) < 46 and left > 0:
+            block = f.read(min(left, 1 << 20))
+            if not block:
+                break
+            left -= len(block)
+            buffer += block
+            continue
+        if len(buffer) < 46 or not buffer.startswith(b"PK\x01\x02"):
+            raise ValueError("the zip's central directory is not where its end record says")
+        name, extra, comment = struct.unpack("<HHH", buffer[28:34])
+        length = 46 + name + extra + comment
+        count += 1
+        if count > stop_after:
+            return count
+        while len(buffer) < length and left > 0:
+            block = f.read(min(left, 1 << 20))
+            if not block:
+                break
+            left -= len(block)
+            buffer += block
+        buffer = buffer[length:]
+    return count
 
 
 def _unsafe(filename: str, name: str, why: str) -> InvalidDataset:
@@ -188,7 +227,10 @@ class Archive:
         info = self._infos[member.name]
         if isinstance(info, zipfile.ZipInfo):
             assert isinstance(self._handle, zipfile.ZipFile)
-            return self._handle.read(info)
+            # Bounded: `ZipFile.read` inflates the whole stream (up to 1 GiB) before cutting it
+            # to the declared size; a bounded read stops the inflater there, CRC still checked.
+            with self._handle.open(info) as member_file:
+                return member_file.read(info.file_size)
         assert isinstance(self._handle, tarfile.TarFile)
         extracted = self._handle.extractfile(info)
         if extracted is None:  # not a regular file: refused when listed, so never here
@@ -221,7 +263,7 @@ def open_archive(
     """
     try:
         if kind == "zip":
-            declared = zip_entry_count(path)
+            declared = zip_entry_count(path, stop_after=max_members)
             if declared is not None and declared > max_members:
                 raise _too_many(filename, max_members)
             with zipfile.ZipFile(path) as zf:

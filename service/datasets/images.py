@@ -34,7 +34,7 @@ from PIL import Image
 from service.datasets.archives import Archive, ArchiveKind, Member, open_archive
 from service.errors import BNServeError, InvalidDataset, PayloadTooLarge, shorten
 from service.preprocess.decode import image_header, load_image
-from service.preprocess.image import normalize, to_pixels
+from service.preprocess.image import ResizeTooLarge, normalize, to_pixels
 from service.preprocess.pipeline import ImagePipeline
 
 # Problems listed in a refusal (each file's own), and named in its one-line detail.
@@ -142,7 +142,14 @@ def load_image_samples(
                     code="invalid_dataset",
                     file=shorten(member.name),
                 ) from None
-            pixels = to_pixels(pipeline, image)
+            try:
+                pixels = to_pixels(pipeline, image, max_pixels=limits.max_pixels)
+            except ResizeTooLarge as exc:
+                raise InvalidDataset(
+                    f"{shorten(member.name)!r} of the dataset could not be used: {exc}",
+                    code="image_too_large",
+                    file=shorten(member.name),
+                ) from None
             if images and pixels.shape != images[0].shape:
                 raise InvalidDataset(
                     f"{shorten(member.name)!r} gives {list(pixels.shape)} (H, W, C) after the "
@@ -198,7 +205,9 @@ def _layout(archive: Archive, filename: str) -> _Layout:
         )
     index = {name: i for i, name in enumerate(classes)}
     in_folders = [m for m in members if len(m.parts) >= 2]
-    in_folders.sort(key=lambda m: (index[m.parts[0]], m.parts))
+    # ImageFolder's order: `sorted(os.walk(...))` by folder path, then each folder's file names
+    # sorted, so a folder's own files come before those of its subfolders.
+    in_folders.sort(key=lambda m: (index[m.parts[0]], "/".join(m.parts[:-1]), m.parts[-1]))
     return _Layout(classes, [(m, index[m.parts[0]]) for m in in_folders], problems)
 
 

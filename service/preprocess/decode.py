@@ -20,7 +20,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.preprocess.image import to_tensor
+from service.preprocess.image import ResizeTooLarge, to_tensor
 from service.preprocess.pipeline import ImagePipeline
 
 FORMATS = ("PNG", "JPEG", "WEBP")
@@ -143,7 +143,11 @@ def decode_images(
     samples = []
     for i, blob in enumerate(blobs):
         what = "the image" if len(blobs) == 1 else f"image {i}"
-        sample = to_tensor(pipeline, open_image(blob, max_pixels=max_pixels, what=what))
+        image = open_image(blob, max_pixels=max_pixels, what=what)
+        try:
+            sample = to_tensor(pipeline, image, max_pixels=max_pixels)
+        except ResizeTooLarge as exc:
+            raise PayloadTooLarge(f"{what}: {exc}", code="image_too_large") from None
         if tuple(sample.shape) != tuple(input_shape):
             raise InvalidInput(
                 f"{what} gives {list(sample.shape)} after the model's pipeline but the "

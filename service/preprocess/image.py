@@ -25,21 +25,38 @@ from PIL import Image, ImageOps
 from service.preprocess.pipeline import ImagePipeline, Size, pair
 
 
-def to_tensor(pipeline: ImagePipeline, image: Image.Image) -> torch.Tensor:
+class ResizeTooLarge(ValueError):
+    """A Resize whose output would hold more pixels than allowed (an extreme aspect ratio)."""
+
+    def __init__(self, size: tuple[int, int], max_pixels: int) -> None:
+        super().__init__(
+            f"resizing it to the pipeline's size gives {size[0]} x {size[1]} pixels, over the "
+            f"limit of {max_pixels} (BNSERVE_MAX_IMAGE_PIXELS): its aspect ratio is too extreme"
+        )
+        self.size = size
+
+
+def to_tensor(
+    pipeline: ImagePipeline, image: Image.Image, *, max_pixels: int | None = None
+) -> torch.Tensor:
     """The float32 (C, H, W) tensor torchvision's Compose of these transforms would give."""
-    return normalize(to_pixels(pipeline, image), pipeline.mean, pipeline.std)
+    return normalize(to_pixels(pipeline, image, max_pixels=max_pixels), pipeline.mean, pipeline.std)
 
 
-def to_pixels(pipeline: ImagePipeline, image: Image.Image) -> npt.NDArray[np.uint8]:
+def to_pixels(
+    pipeline: ImagePipeline, image: Image.Image, *, max_pixels: int | None = None
+) -> npt.NDArray[np.uint8]:
     """The uint8 (H, W, C) pixels after convert, Resize and CenterCrop: before ToTensor.
 
     Training keeps images in this form (augmentations work on them), so that it and serving
-    both end in `normalize`, one code path for the same tensor.
+    both end in `normalize`, one code path for the same tensor. `max_pixels` bounds Resize's
+    output as decoding bounds its input: an int `resize` scales the long side with the short
+    one, so a 1 x 16,777,216 image that passes the header check would resize to 28 x 470M.
     """
     if image.mode != pipeline.mode:
         image = image.convert(pipeline.mode)
     if pipeline.resize is not None:
-        image = resize(image, pipeline.resize)
+        image = resize(image, pipeline.resize, max_pixels=max_pixels)
     if pipeline.center_crop is not None:
         image = center_crop(image, pair(pipeline.center_crop))
     pixels = np.asarray(image, dtype=np.uint8)
@@ -70,8 +87,8 @@ def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
     return torch.from_numpy(out)
 
 
-def resize(image: Image.Image, size: Size) -> Image.Image:
-    """torchvision `Resize(size)` on a PIL image (bilinear)."""
+def resize(image: Image.Image, size: Size, *, max_pixels: int | None = None) -> Image.Image:
+    """torchvision `Resize(size)` on a PIL image (bilinear); `ResizeTooLarge` past `max_pixels`."""
     width, height = image.size
     if isinstance(size, int):
         short, long = (width, height) if width <= height else (height, width)
@@ -81,6 +98,8 @@ def resize(image: Image.Image, size: Size) -> Image.Image:
             return image
     else:
         new_h, new_w = size
+    if max_pixels is not None and new_w * new_h > max_pixels:
+        raise ResizeTooLarge((new_w, new_h), max_pixels)
     return image.resize((new_w, new_h), Image.Resampling.BILINEAR)
 
 

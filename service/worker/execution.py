@@ -28,7 +28,7 @@ from service.datasets.images import images_to_tensor
 from service.datasets.reader import Dataset
 from service.datasets.store import DatasetStore
 from service.db.tables import DatasetRow, JobRow, ModelRow, VersionRow
-from service.errors import Conflict
+from service.errors import Conflict, InvalidDataset
 from service.preprocess.pipeline import Preprocess
 from service.publishing import prepare, publish
 from service.registry import InTransaction, Registry
@@ -170,7 +170,11 @@ def run_job(
         module.load_state_dict(_weights(registry, model, parent))
     augments = job.kind == "train" and bool(job.params.get("augment"))
     data, images = training_data(
-        datasets, dataset_row, model, loader_threads=loader_threads if augments else None
+        datasets,
+        dataset_row,
+        model,
+        input_shape=tuple(config.input_shape()),
+        loader_threads=loader_threads if augments else None,
     )
     epochs = int(job.params.get("epochs") or 1)
 
@@ -303,7 +307,12 @@ def run_job(
 
 
 def training_data(
-    datasets: DatasetStore, row: DatasetRow, model: ModelRow, *, loader_threads: int | None = None
+    datasets: DatasetStore,
+    row: DatasetRow,
+    model: ModelRow,
+    *,
+    input_shape: tuple[int, ...],
+    loader_threads: int | None = None,
 ) -> tuple[Dataset, TrainingImages | None]:
     """The job's samples as float tensors: a tensor dataset's x, or an image dataset's images
     through the model's pipeline (the same `normalize` that serving ends in) with their labels;
@@ -318,6 +327,15 @@ def training_data(
     samples = datasets.load_images(row, pipeline)
     if list(samples.classes) != list(row.classes or []):
         raise ValueError("the dataset's class folders differ from its recorded classes")
+    height, width, channels = samples.images.shape[1:]
+    if (channels, height, width) != tuple(input_shape):
+        # Only a pipeline without a fixed size on images of several sizes gets here: the job's
+        # check could not know the size, and serving would refuse these samples.
+        raise InvalidDataset(
+            f"the images give {[channels, height, width]} after the model's pipeline but the "
+            f"architecture takes {list(input_shape)}; give the pipeline a center_crop",
+            code="shape_mismatch",
+        )
     data = Dataset(
         x=images_to_tensor(samples.images, pipeline),
         y=torch.from_numpy(samples.labels),
