@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     # ...), so replicas on different hosts share only it and the database (README).
     STORAGE_URL: str = ""
     # Bytes of downloaded versions and datasets each process keeps in `<DATA_DIR>/cache` when the
-    # storage is remote (least recently used go first; what is being read is never evicted).
+    # storage is remote, half for each (least recently used go first; what this process is
+    # reading or has loaded is never evicted).
     CACHE_BYTES: int = Field(4 << 30, ge=0)
     # An object in remote storage that no row names is deleted once it is older than this: a
     # crash between an object's write and its row's commit leaves one, and a publish still in

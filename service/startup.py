@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 # Settings whose values may hold a secret: their errors name the variable, never the value.
-_SECRETS = frozenset({"API_TOKEN", "DATABASE_URL"})
+_SECRETS = frozenset({"API_TOKEN", "DATABASE_URL", "STORAGE_URL"})
 
 
 class StartupError(Exception):

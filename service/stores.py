@@ -43,16 +43,18 @@ def open_stores(
     locks = AdvisoryLocks(settings.database_url)
     grace = settings.STORAGE_SWEEP_GRACE_S
     cache = settings.cache_dir
+    # One budget for both caches, shared out: half for versions, half for datasets.
+    share = settings.CACHE_BYTES // 2
     checkpoints = ObjectCheckpointStore(
         storage,
-        LocalCache(cache / "checkpoints", storage, owner, settings.CACHE_BYTES),
+        LocalCache(cache / "checkpoints", storage, owner, share),
         owner,
         locks,
         grace_s=grace,
         crash_after_put=settings.TEST_CRASH_POINT == "after_object_put",
     )
     datasets = ObjectDatasetStore(
-        LocalCache(cache / "datasets", storage, owner, settings.CACHE_BYTES),
+        LocalCache(cache / "datasets", storage, owner, share),
         owner,
         sessions,
         locks,

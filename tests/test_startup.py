@@ -74,7 +74,11 @@ def test_a_bad_setting_is_one_line_naming_the_variable_and_its_values(tmp_path, 
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("BNSERVE_API_TOKEN", "short-secret"), ("BNSERVE_DATABASE_URL", "mysql://u:secret@db/x")],
+    [
+        ("BNSERVE_API_TOKEN", "short-secret"),
+        ("BNSERVE_DATABASE_URL", "mysql://u:secret@db/x"),
+        ("BNSERVE_STORAGE_URL", "s3://AKIAX:secret@bucket/p"),
+    ],
 )
 def test_a_secret_is_never_echoed_in_its_error(tmp_path, name, value):
     result = _start("service", tmp_path / "data", **{name: value})

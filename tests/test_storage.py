@@ -218,10 +218,10 @@ def test_datasets_and_image_archives_go_to_the_bucket_and_are_verified_elsewhere
     sessions = make_sessionmaker(engine)
     storage = S3Storage(s3.bucket, "p")
 
-    def host(name: str) -> ObjectDatasetStore:
+    def host(name: str, cache_bytes: int = 1 << 30) -> ObjectDatasetStore:
         owner = Owner(tmp_path / name)
         _owners.append(owner)
-        cache = LocalCache(tmp_path / name / "cache", storage, owner, 1 << 30)
+        cache = LocalCache(tmp_path / name / "cache", storage, owner, cache_bytes)
         return ObjectDatasetStore(cache, owner, sessions, None, grace_s=1.5)
 
     a, b = host("a"), host("b")
@@ -235,6 +235,11 @@ def test_datasets_and_image_archives_go_to_the_bucket_and_are_verified_elsewhere
     assert b.labels(t_row).tolist() == [0, 1, 0, 1]
     pipeline = ImagePipeline(mode="L", resize=16, mean=[0.5], std=[0.5])
     assert len(b.load_images(i_row, pipeline).labels) == 4
+    # A cache smaller than the dataset still serves each read: the copy is pinned until read.
+    tiny = host("tiny", cache_bytes=0)
+    assert tiny.load(t_row).num_samples == 4
+    assert tiny.labels(t_row).tolist() == [0, 1, 0, 1]
+    assert len(tiny.load_images(i_row, pipeline).labels) == 4
 
     s3.client().put_object(Bucket=s3.bucket, Key=f"p/datasets/{t_row.filename}", Body=b"bad")
     with pytest.raises(CorruptCheckpoint) as refused:

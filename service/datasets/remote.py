@@ -10,6 +10,8 @@ which verifies the sha256 of each download (a mismatch is `corrupt_dataset`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -69,7 +71,9 @@ class ObjectDatasetStore(DatasetStore):
     def _keep(self, staged: Path, final: Path, row: DatasetRow) -> None:
         self.cache.adopt(staged, row.sha256, Path(row.filename).suffix)
 
-    def _verified(self, row: DatasetRow) -> Path:
+    @contextmanager
+    def _verified(self, row: DatasetRow) -> Iterator[Path]:
+        """The cached copy, pinned against eviction until the caller has read it."""
         what = f"dataset file {row.filename}"
         with self.cache.fetched(
             dataset_key(row.filename),
@@ -79,17 +83,20 @@ class ObjectDatasetStore(DatasetStore):
             missing="dataset_missing",
         ) as path:
             found = sha256_file(path)
-        if found != row.sha256:
-            # The local copy went bad after its download was checked: the next read fetches it.
-            self.cache.drop(row.sha256, Path(row.filename).suffix)
-            raise CorruptCheckpoint(
-                f"{what}: its local copy hashes to {found}, not {row.sha256}",
-                code="corrupt_dataset",
-            )
-        return path
+            if found != row.sha256:
+                # The local copy went bad after its download was checked: the next read
+                # fetches it again.
+                self.cache.drop(row.sha256, Path(row.filename).suffix)
+                raise CorruptCheckpoint(
+                    f"{what}: its local copy hashes to {found}, not {row.sha256}",
+                    code="corrupt_dataset",
+                )
+            yield path
 
-    def _unverified(self, row: DatasetRow) -> Path:
-        return self._verified(row)
+    @contextmanager
+    def _unverified(self, row: DatasetRow) -> Iterator[Path]:
+        with self._verified(row) as path:
+            yield path
 
     def recover(self) -> list[str]:
         """Sweep dataset objects that no row names, once older than the grace."""

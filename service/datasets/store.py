@@ -16,6 +16,8 @@ import contextlib
 import logging
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -143,15 +145,19 @@ class DatasetStore:
 
     def load(self, row: DatasetRow) -> Dataset:
         """The stored tensors, refused when the file no longer matches its sha256."""
-        return read_dataset(self._verified(row), row.filename, max_bytes=self.max_bytes)
+        with self._verified(row) as path:
+            return read_dataset(path, row.filename, max_bytes=self.max_bytes)
 
     def load_images(self, row: DatasetRow, pipeline: ImagePipeline) -> ImageSamples:
         """An image dataset through `pipeline` up to CenterCrop (uint8), its sha256 checked."""
         kind: ArchiveKind = "tar" if row.filename.endswith(".tar") else "zip"
-        return load_image_samples(self._verified(row), pipeline, self.image_limits, kind=kind)
+        with self._verified(row) as path:
+            return load_image_samples(path, pipeline, self.image_limits, kind=kind)
 
-    def _verified(self, row: DatasetRow) -> Path:
-        """The dataset's file once it hashes to the recorded sha256."""
+    @contextmanager
+    def _verified(self, row: DatasetRow) -> Iterator[Path]:
+        """The dataset's file once it hashes to the recorded sha256, for the block (a remote
+        store's cached copy may be evicted after it)."""
         path = self.root / row.filename
         if not path.exists():
             self._roll_forward(row.filename, row.sha256)
@@ -161,14 +167,16 @@ class DatasetStore:
                 f"dataset file {row.filename} is corrupt (sha256 {found}, recorded {row.sha256})",
                 code="corrupt_dataset",
             )
-        return path
+        yield path
 
     def labels(self, row: DatasetRow) -> torch.Tensor:
         """Only the stored `y`, as read on upload; `load` (in the worker) checks the sha256."""
-        return read_labels(self._unverified(row), row.filename, max_bytes=self.max_bytes)
+        with self._unverified(row) as path:
+            return read_labels(path, row.filename, max_bytes=self.max_bytes)
 
-    def _unverified(self, row: DatasetRow) -> Path:
-        return self.root / row.filename
+    @contextmanager
+    def _unverified(self, row: DatasetRow) -> Iterator[Path]:
+        yield self.root / row.filename
 
     def _roll_forward(self, filename: str, sha256: str) -> bool:
         """Finish a store that a crash cut between the row's commit and the rename."""

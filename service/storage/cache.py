@@ -51,9 +51,9 @@ class LocalCache:
             self._pins[sha256] += 1
         try:
             path = self.path(sha256, suffix)
-            if path.exists():
+            try:
                 os.utime(path)  # the LRU order is the files' mtimes, shared by local processes
-            else:
+            except FileNotFoundError:  # not here, or evicted just now by another process
                 self._download(key, sha256, path, what=what, code=code, missing=missing)
             yield path
         finally:

@@ -7,6 +7,7 @@ S3 endpoint is, with the same atomicity: a temp file, fsynced, then renamed into
 
 from __future__ import annotations
 
+import secrets
 import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -31,7 +32,8 @@ class LocalStorage:
     def put_file(self, key: str, path: Path) -> None:
         final = self._path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        temp = final.with_name(final.name + _TEMP)
+        # Unique per put: two puts of the same key (identical uploads at once) never share one.
+        temp = final.with_name(f"{final.name}.{secrets.token_hex(8)}{_TEMP}")
         shutil.copyfile(path, temp)
         fsync_file(temp)
         temp.replace(final)
