@@ -104,8 +104,9 @@ def test_api_probes_name_real_routes_and_ports_agree() -> None:
     settings = assert_settings(pod_env(c), "api")
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
     hosts = AllowedHostsMiddleware(None, settings.allowed_hosts())  # type: ignore[arg-type]
-    for probe in (c["readinessProbe"], c["livenessProbe"]):
+    for probe in (c["readinessProbe"], c["livenessProbe"], c["startupProbe"]):
         get = probe["httpGet"]
         assert get["path"] in routes()
         assert container_port(c, get["port"]) == settings.PORT

@@ -220,6 +220,11 @@ def test_augment_is_refused_for_a_dataset_of_tensors(idle, setup):
     r = post_job(idle, model="m", dataset=setup["good"], **TRAIN, augment=augment)
     assert r.status_code == 422, r.text
     assert r.json()["code"] == "augment_needs_images"
+    # A recalibration measures the data as served, so it takes no augmentation at all.
+    recalibrate = {"kind": "recalibrate_bn", "base_version": "serving", "augment": augment}
+    r = post_job(idle, model="m", dataset=setup["good"], **recalibrate)
+    assert r.status_code == 422, r.text
+    assert r.json()["code"] == "invalid_augment", r.text
 
 
 def test_valid_job_is_queued(idle, setup):

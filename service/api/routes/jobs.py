@@ -109,6 +109,7 @@ def _create(services: Services, body: JobCreate) -> JobRow:
     check_architecture(arch, config)
     dataset_row = services.datasets.get(body.dataset)
     params = _validated_params(body, dataset_row.num_samples)
+    _check_augment(body, dataset_row.kind, tuple(config.input_shape()))
     base = body.base_version
     if base is None and body.kind == "recalibrate_bn":
         base = "serving"
@@ -139,7 +140,6 @@ def _create(services: Services, body: JobCreate) -> JobRow:
             task=config.task,
             num_outputs=config.num_outputs(),
         )
-    _check_augment(body, dataset_row.kind, tuple(config.input_shape()))
     if config.task == "classification" and dataset_row.kind != "images":
         check_labels_for_model(
             services.datasets.labels(dataset_row), num_outputs=config.num_outputs()
@@ -160,6 +160,12 @@ def _check_augment(body: JobCreate, dataset_kind: str, input_shape: tuple[int, .
     model's input size (the batches are the model's input)."""
     if body.augment is None:
         return
+    if body.kind != "train":
+        raise InvalidInput(
+            "augment applies to train jobs; a recalibration measures the BN statistics of the "
+            "data as it is served, never augmented",
+            code="invalid_augment",
+        )
     if dataset_kind != "images":
         raise InvalidInput(
             "augment applies to image datasets (a .zip or .tar of class folders); this dataset "
