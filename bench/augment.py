@@ -84,7 +84,7 @@ def one_job(
         should_stop=lambda: False,
         images=images,
     )
-    return args.epochs * len(pixels) / (time.perf_counter() - started)
+    return float(args.epochs * len(pixels) / (time.perf_counter() - started))
 
 
 def main() -> None:

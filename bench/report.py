@@ -31,6 +31,7 @@ NUMERIC = (
     "mean_queue_wait_ms",
     "mean_compute_ms",
     "mean_server_ms",
+    "server_cpu_us_per_request",
 )
 
 

@@ -242,12 +242,41 @@ def measure_http(
     is_bnserve = contender.name.startswith("bnserve")
     run_hey(hey, load, clients=clients, seconds=args.warmup)
     before = scrape(contender.server.url) if is_bnserve else None
+    cpu_before = server_cpu_s(contender.server.pid)
     result = run_hey(hey, load, clients=clients, seconds=args.seconds)
+    cpu = server_cpu_s(contender.server.pid) - cpu_before
     if before is not None:
         result.update(served(before, scrape(contender.server.url), model))
+    # The server's own CPU per answered request (us): what a feature costs, far steadier on a
+    # shared machine than req/s, which also moves with the scheduler and the client.
+    answered = result["requests"]
+    result["server_cpu_us_per_request"] = 1e6 * cpu / answered if answered else None
     if not contender.server.alive():
         raise RuntimeError(f"{contender.name} died under load:\n{contender.server.log_tail()}")
     return result
+
+
+def server_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a server process and the processes it started."""
+    total = 0.0
+    for p in [pid, *_descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    found = [int(c) for c in children]
+    for child in list(found):
+        found += _descendants(child)
+    return found
 
 
 def measure_limit(
