@@ -262,12 +262,7 @@ def _input_array(
             expected_shape=[-1, *input_shape],
         )
     count = math.prod(shape)
-    params = tensor.parameters or {}
-    if "shared_memory_region" in params:
-        raise InvalidInput(
-            "the shared-memory extension is not supported; send the tensor in the body",
-            code="unsupported_parameter",
-        )
+    params = _input_parameters(tensor)
     size = params.get("binary_data_size")
     if size is not None:
         if tensor.data is not None:
@@ -283,14 +278,7 @@ def _input_array(
                 code="invalid_binary_data",
             )
         return np.frombuffer(binary, dtype=dtype).reshape(shape)
-    if len(binary):
-        raise InvalidInput(
-            f"the body has {len(binary)} bytes after the JSON header but no input declares "
-            "binary_data_size",
-            code="invalid_binary_data",
-        )
-    if tensor.data is None:
-        raise InvalidInput(f"input {tensor.name!r} has no data", code="invalid_input")
+    _check_json_data(tensor, binary)
     try:
         array = np.asarray(tensor.data)
     except ValueError:
@@ -307,6 +295,29 @@ def _input_array(
             found_shape=list(shape),
         )
     return array.reshape(shape)
+
+
+def _input_parameters(tensor: InferInputTensor) -> dict[str, Any]:
+    """An input's parameters; the shared-memory extension is refused (not supported)."""
+    params = tensor.parameters or {}
+    if "shared_memory_region" in params:
+        raise InvalidInput(
+            "the shared-memory extension is not supported; send the tensor in the body",
+            code="unsupported_parameter",
+        )
+    return params
+
+
+def _check_json_data(tensor: InferInputTensor, binary: memoryview) -> None:
+    """An input without `binary_data_size` has JSON `data`, and the body no stray bytes."""
+    if len(binary):
+        raise InvalidInput(
+            f"the body has {len(binary)} bytes after the JSON header but no input declares "
+            "binary_data_size",
+            code="invalid_binary_data",
+        )
+    if tensor.data is None:
+        raise InvalidInput(f"input {tensor.name!r} has no data", code="invalid_input")
 
 
 def _image_blobs(tensor: InferInputTensor, binary: memoryview, max_batch: int) -> list[bytes]:
@@ -330,12 +341,7 @@ def _image_blobs(tensor: InferInputTensor, binary: memoryview, max_batch: int) -
             code="batch_too_large",
             limit=max_batch,
         )
-    params = tensor.parameters or {}
-    if "shared_memory_region" in params:
-        raise InvalidInput(
-            "the shared-memory extension is not supported; send the tensor in the body",
-            code="unsupported_parameter",
-        )
+    params = _input_parameters(tensor)
     size = params.get("binary_data_size")
     if size is not None:
         if tensor.data is not None or size != len(binary):
@@ -346,14 +352,7 @@ def _image_blobs(tensor: InferInputTensor, binary: memoryview, max_batch: int) -
                 code="invalid_binary_data",
             )
         return _split_elements(tensor.name, binary, n)
-    if len(binary):
-        raise InvalidInput(
-            f"the body has {len(binary)} bytes after the JSON header but no input declares "
-            "binary_data_size",
-            code="invalid_binary_data",
-        )
-    if tensor.data is None:
-        raise InvalidInput(f"input {tensor.name!r} has no data", code="invalid_input")
+    _check_json_data(tensor, binary)
     data = tensor.data if isinstance(tensor.data, list) else [tensor.data]
     flat = [item for row in data for item in (row if isinstance(row, list) else [row])]
     if len(flat) != n:
