@@ -34,7 +34,7 @@ from PIL import Image
 from service.datasets.archives import Archive, ArchiveKind, Member, open_archive
 from service.errors import BNServeError, InvalidDataset, PayloadTooLarge, shorten
 from service.preprocess.decode import image_header, load_image
-from service.preprocess.image import ResizeTooLarge, normalize, to_pixels
+from service.preprocess.image import normalize, to_pixels
 from service.preprocess.pipeline import ImagePipeline
 
 # Problems listed in a refusal (each file's own), and named in its one-line detail.
@@ -136,18 +136,11 @@ def load_image_samples(
         for member, _ in layout.samples:
             try:
                 image = _decode(archive.read(member), limits, repr(member.name))
+                pixels = to_pixels(pipeline, image, max_pixels=limits.max_pixels)
             except BNServeError as e:
                 raise InvalidDataset(
                     f"{shorten(member.name)!r} of the dataset could not be read: {e.detail}",
                     code="invalid_dataset",
-                    file=shorten(member.name),
-                ) from None
-            try:
-                pixels = to_pixels(pipeline, image, max_pixels=limits.max_pixels)
-            except ResizeTooLarge as exc:
-                raise InvalidDataset(
-                    f"{shorten(member.name)!r} of the dataset could not be used: {exc}",
-                    code="image_too_large",
                     file=shorten(member.name),
                 ) from None
             if images and pixels.shape != images[0].shape:

@@ -147,7 +147,7 @@ def decode_images(
         try:
             sample = to_tensor(pipeline, image, max_pixels=max_pixels)
         except ResizeTooLarge as exc:
-            raise PayloadTooLarge(f"{what}: {exc}", code="image_too_large") from None
+            raise PayloadTooLarge(f"{what}: {exc.detail}", code="image_too_large") from None
         if tuple(sample.shape) != tuple(input_shape):
             raise InvalidInput(
                 f"{what} gives {list(sample.shape)} after the model's pipeline but the "

@@ -22,18 +22,19 @@ import numpy.typing as npt
 import torch
 from PIL import Image, ImageOps
 
+from service.errors import PayloadTooLarge
 from service.preprocess.pipeline import ImagePipeline, Size, pair
 
 
-class ResizeTooLarge(ValueError):
+class ResizeTooLarge(PayloadTooLarge):
     """A Resize whose output would hold more pixels than allowed (an extreme aspect ratio)."""
 
     def __init__(self, size: tuple[int, int], max_pixels: int) -> None:
         super().__init__(
             f"resizing it to the pipeline's size gives {size[0]} x {size[1]} pixels, over the "
-            f"limit of {max_pixels} (BNSERVE_MAX_IMAGE_PIXELS): its aspect ratio is too extreme"
+            f"limit of {max_pixels} (BNSERVE_MAX_IMAGE_PIXELS): its aspect ratio is too extreme",
+            code="image_too_large",
         )
-        self.size = size
 
 
 def to_tensor(
