@@ -32,6 +32,7 @@ NUMERIC = (
     "mean_compute_ms",
     "mean_server_ms",
     "server_cpu_us_per_request",
+    "drift_cpu_share",
 )
 
 
@@ -173,6 +174,14 @@ def table(summary: dict[str, Any], title: str) -> str:
             lines.append("  ratios (median of per-round): " + ", ".join(
                 f"{name} {value:.2f}" for name, value in ratios.items()
             ))  # fmt: skip
+        probe = [
+            f"{contender}@{clients} {row['drift_cpu_share']:.2%}"
+            for contender, by_clients in figures["http"].items()
+            for clients, row in by_clients.items()
+            if row.get("drift_cpu_share") is not None
+        ]
+        if probe:
+            lines.append("  input-drift probe's CPU / the server's: " + ", ".join(probe))
     if summary["targets"]:
         lines += ["", "Targets (issues 8 and 15):"]
         for t in summary["targets"]:

@@ -52,4 +52,6 @@ def served(before: Samples, after: Samples, model: str) -> dict[str, float | Non
         "mean_compute_ms": 1e3 * compute / passes if compute is not None and passes else None,
         "mean_queue_wait_ms": 1e3 * waited / waits if waited is not None and waits else None,
         "mean_server_ms": 1e3 * latency / answered if latency is not None and answered else None,
+        # CPU seconds the input-drift probe spent (None where it is off).
+        "drift_cpu_seconds": delta(before, after, "bnserve_input_drift_cpu_seconds_total", model),
     }

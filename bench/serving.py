@@ -251,6 +251,10 @@ def measure_http(
     # shared machine than req/s, which also moves with the scheduler and the client.
     answered = result["requests"]
     result["server_cpu_us_per_request"] = 1e6 * cpu / answered if answered else None
+    # The drift probe's own CPU as a share of the server's: its cost, free of the machine's drift
+    # that moves req/s by 10-20% between rounds (all but the GIL round trips it makes others wait).
+    probe = result.pop("drift_cpu_seconds", None)
+    result["drift_cpu_share"] = probe / cpu if probe is not None and cpu > 0 else None
     if not contender.server.alive():
         raise RuntimeError(f"{contender.name} died under load:\n{contender.server.log_tail()}")
     return result
@@ -423,7 +427,7 @@ def measure_round(
                     http[contender.name][str(clients)] = row
                     print(
                         f"round {index + 1}/{args.rounds} {model:9} {contender.name:16} "
-                        f"c={clients:<3} {row['rps']:8.1f} req/s  p50 {row['p50_ms']} ms  "
+                        f"c={clients:<3} {row['rps']:8.1f} req/s  p50 {row['p50_ms']:.2f} ms  "
                         f"non-2xx {row['non_2xx']}",
                         flush=True,
                     )
@@ -458,7 +462,7 @@ def measure_images(
                 result[str(clients)][kind] = row
                 print(
                     f"round {index + 1}/{args.rounds} {images.MODEL:9} {kind:16} "
-                    f"c={clients:<3} {row['rps']:8.1f} req/s  p50 {row['p50_ms']} ms  "
+                    f"c={clients:<3} {row['rps']:8.1f} req/s  p50 {row['p50_ms']:.2f} ms  "
                     f"non-2xx {row['non_2xx']}",
                     flush=True,
                 )

@@ -239,6 +239,13 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="liveall",
         )
+        self.input_drift_cpu = Counter(
+            "bnserve_input_drift_cpu_seconds",
+            "CPU seconds the input-drift probe spent measuring sampled batches (its whole cost "
+            "but the GIL it shares; compare with process_cpu_seconds_total)",
+            ["model"],
+            registry=self.registry,
+        )
         self.swaps = Counter(
             "bnserve_swaps",
             "Serving-version swaps in this process",
@@ -341,8 +348,11 @@ class Metrics:
                 self._remove(self.input_drift, key[0], str(key[1]))
                 self._drifted.discard(key)
 
-    def drift_measured(self, model: str, version: int, score: float | None) -> None:
+    def drift_measured(
+        self, model: str, version: int, score: float | None, cpu_seconds: float
+    ) -> None:
         """A version's drift score after a measurement (any thread); None: not enough data yet."""
+        self.input_drift_cpu.labels(model).inc(cpu_seconds)
         key = (model, version)
         with self._drift_lock:
             if score is None or key not in self._loaded:
@@ -369,7 +379,13 @@ class Metrics:
                 self._drifted.discard(key)
         if self._multiprocess_dir is not None:
             return
-        for metric in (self.samples, self.latency, self.queue_wait, self.compute):
+        for metric in (
+            self.samples,
+            self.latency,
+            self.queue_wait,
+            self.compute,
+            self.input_drift_cpu,
+        ):
             self._remove(metric, model)
         self._remove(self.batch_size, model)
         self._remove(self.swaps, model)

@@ -54,6 +54,8 @@ def test_served_reads_bnserve_batch_histogram_and_prediction_counter():
     metrics.batch_done("other", 64, [1.0] * 64, 1.0)
     for _ in range(24):
         metrics.prediction_done("m", 1, "ok", 0.010, 1)
+    metrics.drift_measured("m", 1, None, 0.002)
+    metrics.drift_measured("m", 1, None, 0.003)
     after = parse(generate_latest(metrics.registry).decode())
     got = served(before, after, "m")
     assert got == {
@@ -63,6 +65,7 @@ def test_served_reads_bnserve_batch_histogram_and_prediction_counter():
         "mean_compute_ms": pytest.approx(5.0),
         "mean_queue_wait_ms": pytest.approx((8 * 1 + 16 * 2) / 24),
         "mean_server_ms": pytest.approx(10.0),
+        "drift_cpu_seconds": pytest.approx(0.005),
     }
 
 

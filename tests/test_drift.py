@@ -66,9 +66,10 @@ def test_the_probe_measures_the_plain_modules_first_bn_inputs(
             bn_input = inputs[stats.layer].double()
             dims = [d for d in range(bn_input.dim()) if d != 1]
             assert stats.count == bn_input.numel() // bn_input.shape[1]
-            torch.testing.assert_close(stats.mean, bn_input.mean(dim=dims), rtol=1e-5, atol=1e-5)
+            mean, var = torch.from_numpy(stats.mean), torch.from_numpy(stats.var)
+            torch.testing.assert_close(mean, bn_input.mean(dim=dims), rtol=1e-5, atol=1e-5)
             want_var = bn_input.var(dim=dims, correction=0)
-            torch.testing.assert_close(stats.var, want_var, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(var, want_var, rtol=1e-4, atol=1e-5)
     # Eval and inference mode: neither the plain module's nor the probe's statistics moved.
     for key, value in bn_buffers(plain).items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
@@ -257,9 +258,10 @@ def _serve_until(
         time.sleep(0.01)
 
 
-def _gauge(client: httpx.Client, name: str) -> float | None:
+def _gauge(client: httpx.Client, name: str, metric: str = "bnserve_input_drift") -> float | None:
+    labels = f'model="{name}"' + (',version="1"' if metric == "bnserve_input_drift" else "")
     text = client.get("/metrics", headers=AUTH).text
-    prefix = f'bnserve_input_drift{{model="{name}",version="1"}} '
+    prefix = f"{metric}{{{labels}}} "
     values = [float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)]
     return values[0] if values else None
 
@@ -307,6 +309,10 @@ def test_normalized_images_stay_under_the_threshold_and_unnormalized_tensors_cro
         gauge = _gauge(client, "shapes")
         assert gauge is not None
         assert gauge < normal["threshold"]
+        # What the measurements cost is counted: the probe thread's CPU time, a few ms each.
+        cpu = _gauge(client, "shapes", "bnserve_input_drift_cpu_seconds_total")
+        assert cpu is not None
+        assert 0 < cpu < 0.1 * normal["batches"], cpu
 
         # The same images as tensors, ToTensor without Normalize: the pipeline a client forgot.
         unnormalized = _pixels(images)

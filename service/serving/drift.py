@@ -54,17 +54,19 @@ import copy
 import logging
 import os
 import threading
+import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Executor
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.hooks import RemovableHandle
 
 log = logging.getLogger(__name__)
 
@@ -86,23 +88,26 @@ class _Stop(Exception):
     """Raised by the last measured BN layer's pre-hook: the rest of the forward is not needed."""
 
 
+Floats = NDArray[np.float64]
+
+
 @dataclass(frozen=True)
 class BatchStats:
     """One BN layer's input on one batch: samples, values per channel, and per-channel mean and
-    biased variance (float64, CPU)."""
+    biased variance (float64 NumPy arrays)."""
 
     layer: str
     samples: int
     count: int
-    mean: torch.Tensor
-    var: torch.Tensor
+    mean: Floats
+    var: Floats
 
 
 @dataclass(frozen=True)
 class _Layer:
     name: str
-    running_mean: torch.Tensor  # float64 on the CPU, copied once
-    running_var: torch.Tensor
+    running_mean: Floats  # float64, copied once
+    running_var: Floats
     eps: float
 
 
@@ -122,15 +127,18 @@ class DriftProbe:
         self.layers = [
             _Layer(
                 name,
-                _buffer(bn, "running_mean").detach().double().cpu(),
-                _buffer(bn, "running_var").detach().double().cpu(),
+                _floats(_buffer(bn, "running_mean")),
+                _floats(_buffer(bn, "running_var")),
                 float(bn.eps),
             )
             for name, bn in zip(layers, bns, strict=True)
         ]
-        self._bns = bns
         self._lock = threading.Lock()  # one measurement at a time: the hooks share `_seen`
-        self._seen: list[BatchStats] = []
+        self._seen: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
+        # Registered for good: the probe has no caller but `measure`, and hooking per call cost
+        # a dozen GIL round trips a measurement beside a busy event loop.
+        for bn, layer in zip(bns, self.layers, strict=True):
+            bn.register_forward_pre_hook(self._hook_for(layer.name))
 
     @classmethod
     def build(
@@ -171,38 +179,32 @@ class DriftProbe:
         return sum(storages.values())
 
     def measure(self, x: torch.Tensor) -> list[BatchStats]:
-        """The per-channel statistics of each measured BN layer's input on batch `x`."""
-        with self._lock, self._hooked(), torch.inference_mode():
+        """The per-channel statistics of each measured BN layer's input on batch `x`.
+
+        Each torch call releases and retakes the GIL, and beside a busy event loop every retake
+        waits for it, so the torch side is only the stem's forward and one `var_mean` a layer;
+        the rest is NumPy on arrays of a few hundred floats, which keeps the GIL.
+        """
+        if x.device != self.device:
+            x = x.to(self.device, non_blocking=True)
+        with self._lock, torch.inference_mode():
             self._seen = []
             with suppress(_Stop):
-                self.module(x.to(self.device, non_blocking=True))
+                self.module(x)
             seen, self._seen = self._seen, []
-        return seen
-
-    @contextmanager
-    def _hooked(self) -> Iterator[None]:
-        """Pre-hooks only while measuring: the probe has no other caller, but a hook left on it
-        would be one more thing to reason about."""
-        handles: list[RemovableHandle] = [
-            bn.register_forward_pre_hook(self._hook_for(layer.name))
-            for bn, layer in zip(self._bns, self.layers, strict=True)
+        return [
+            BatchStats(layer.name, samples, count, _floats(mean), _floats(var))
+            for layer, (mean, var, samples, count) in zip(self.layers, seen, strict=False)
         ]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def _hook_for(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         last = len(self.layers)
 
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
+            x = args[0] if args[0].dtype == torch.float32 else args[0].float()
             dims = [d for d in range(x.dim()) if d != 1]
-            var, mean = torch.var_mean(x.float(), dim=dims, correction=0)
-            count = x.numel() // max(1, x.shape[1])
-            stats = BatchStats(name, x.shape[0], count, mean.double().cpu(), var.double().cpu())
-            self._seen.append(stats)
+            var, mean = torch.var_mean(x, dim=dims, correction=0)
+            self._seen.append((mean, var, x.shape[0], x.numel() // max(1, x.shape[1])))
             if len(self._seen) >= last:
                 raise _Stop
 
@@ -247,6 +249,11 @@ def _buffer(module: nn.Module, name: str) -> torch.Tensor:
     return value
 
 
+def _floats(tensor: torch.Tensor) -> Floats:
+    """A per-channel tensor as float64 NumPy (a copy where it was on another device or dtype)."""
+    return tensor.detach().cpu().numpy().astype(np.float64)
+
+
 @dataclass(frozen=True)
 class DriftReading:
     """The monitor's state after its last measurement: what the API and the metrics show."""
@@ -256,6 +263,8 @@ class DriftReading:
     alarm: bool
     batches: int
     layers: dict[str, float | None] = field(default_factory=dict)
+    # CPU seconds of the thread that made the last measurement, spent on it (the alarm's cost).
+    cpu_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -274,10 +283,10 @@ class _Pool:
 
     def __init__(self, layer: _Layer) -> None:
         self.layer = layer
-        self._scale = (layer.running_var + layer.eps).sqrt()
+        self._scale = np.sqrt(layer.running_var + layer.eps)
         self._eps_ratio = layer.eps / (layer.running_var + layer.eps)
         # Per batch: samples, values per channel, and per channel the sums of u and of u^2.
-        self._batches: deque[tuple[int, int, torch.Tensor, torch.Tensor]] = deque()
+        self._batches: deque[tuple[int, int, Floats, Floats]] = deque()
         self._samples = 0
 
     def add(self, stats: BatchStats) -> None:
@@ -293,10 +302,10 @@ class _Pool:
         count = sum(batch[1] for batch in self._batches)
         if count < MIN_VALUES:
             return None
-        m = torch.stack([batch[2] for batch in self._batches]).sum(0) / count
-        second = torch.stack([batch[3] for batch in self._batches]).sum(0) / count
-        v = (second - m**2).clamp(min=0.0)
-        r = (v + self._eps_ratio).clamp(min=1e-12)
+        m = np.sum([batch[2] for batch in self._batches], axis=0) / count
+        second = np.sum([batch[3] for batch in self._batches], axis=0) / count
+        v = np.maximum(second - m**2, 0.0)
+        r = np.maximum(v + self._eps_ratio, 1e-12)
         kl = 0.5 * (r + 1 / r - 2) + 0.5 * m**2 * (1 + 1 / r)
         return float(kl.mean())
 
@@ -365,6 +374,7 @@ class DriftMonitor:
 
     def measure(self, x: torch.Tensor) -> DriftReading:
         """Measure batch `x` now (blocking) and return the new reading."""
+        started = time.thread_time()
         for pool, stats in zip(self._pools, self.probe.measure(x), strict=False):
             pool.add(stats)
         layers = {pool.layer.name: pool.score() for pool in self._pools}
@@ -394,7 +404,10 @@ class DriftMonitor:
                 score,
                 self.threshold,
             )
-        self.reading = DriftReading(score, self.threshold, alarm, previous.batches + 1, layers)
+        spent = time.thread_time() - started
+        self.reading = DriftReading(
+            score, self.threshold, alarm, previous.batches + 1, layers, spent
+        )
         if self._on_reading is not None:
             self._on_reading(self.reading)
         return self.reading

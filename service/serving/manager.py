@@ -246,7 +246,7 @@ class ModelManager:
         self.on_forget: Callable[[str], None] | None = None
         self.on_loaded: Callable[[dict[tuple[str, int], int]], None] | None = None
         # Each drift measurement (model, version, score or None); called on the drift thread.
-        self.on_drift: Callable[[str, int, float | None], None] | None = None
+        self.on_drift: Callable[[str, int, float | None, float], None] | None = None
         store = registry.store
         if isinstance(store, ObjectCheckpointStore):
             # Remote storage: the local copies of loaded versions are never evicted.
@@ -520,7 +520,7 @@ class ModelManager:
 
         def on_reading(reading: DriftReading) -> None:
             if self.on_drift is not None:
-                self.on_drift(loaded.name, loaded.version, reading.score)
+                self.on_drift(loaded.name, loaded.version, reading.score, reading.cpu_seconds)
 
         return DriftMonitor(
             loaded.probe,
