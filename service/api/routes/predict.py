@@ -20,6 +20,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from service.api.deps import ReadAuth, Services, ServicesDep
 from service.api.encoding import json_array
+from service.api.json_arrays import numeric_inputs
 from service.api.openapi import errors
 from service.api.schemas import PredictRequest, PredictResponse
 from service.errors import (
@@ -45,6 +46,9 @@ router = APIRouter(prefix="/v1/models/{name}", tags=["predictions"], dependencie
 # ~0.1 ms, less than the ~0.1-0.2 ms a round trip through a thread costs. Larger ones go to a
 # thread, so one big request cannot stall every other connection.
 INLINE_BYTES = 64 * 1024
+# From this body size `json_arrays` decodes faster than orjson + NumPy (measured: 4 us against
+# 1 us for a 2-value body, 91 against 207 us for 3x32x32).
+NUMPY_JSON_BYTES = 2048
 INLINE_OUTPUT_VALUES = 4096
 MAX_TOP_K = 1000
 
@@ -97,7 +101,16 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def _json_inputs(body: bytes) -> Any:
-    """The `inputs` value of a JSON body; 422 `validation_error` as FastAPI would give."""
+    """The `inputs` value of a JSON body; 422 `validation_error` as FastAPI would give.
+
+    A body of an image's size or more that is exactly `{"inputs": <numbers>}` becomes an array
+    without a Python float per value (`json_arrays`: 2.3x faster for a 3x32x32 sample); below
+    that size orjson is the faster of the two, and any other body is parsed here as before.
+    """
+    if len(body) >= NUMPY_JSON_BYTES:
+        array = numeric_inputs(body)
+        if array is not None:
+            return array
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
