@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -25,10 +26,18 @@ def drawing(kind: str, seed: int, size: int = 16, mode: str = "L") -> Image.Imag
     return image
 
 
-def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+def encoded(image: Image.Image, fmt: str = "PNG", **save: Any) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
+    image.save(buffer, format=fmt, **save)
     return buffer.getvalue()
+
+
+def exif_rotated_jpeg(image: Image.Image) -> bytes:
+    """A JPEG of `image` whose EXIF says "rotate 90 degrees clockwise to display" (orientation
+    6), as a phone writes it: bnserve, like torchvision's loaders, does not apply it."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encoded(image.convert("RGB"), "JPEG", exif=exif.tobytes())
 
 
 def shapes(per_class: int = 4, prefix: str = "") -> dict[str, bytes]:

@@ -30,7 +30,15 @@ from service.preprocess.pipeline import ImagePipeline
 from service.settings import Settings
 from tests.conftest import AUTH, ThreadServer
 from tests.helpers_api import assert_error, running
-from tests.helpers_images import CLASSES, SHAPES, drawing, encoded, shapes, zip_of
+from tests.helpers_images import (
+    CLASSES,
+    SHAPES,
+    drawing,
+    encoded,
+    exif_rotated_jpeg,
+    shapes,
+    zip_of,
+)
 from tests.helpers_jobs import WorkerThread, post_job, start_job, upload_dataset, wait_job, weights
 
 
@@ -398,6 +406,8 @@ def test_training_samples_are_the_tensors_predict_makes_of_the_same_files(
         "circle/a.png": encoded(drawing("circle", 1, size=24, mode="RGB")),
         "circle/b.jpeg": encoded(drawing("circle", 2, size=18), "JPEG"),
         "square/c.png": encoded(drawing("square", 3, size=30, mode="RGBA")),
+        "square/d.png": encoded(drawing("square", 4, size=20, mode="RGB").convert("P")),
+        "square/e.jpg": exif_rotated_jpeg(drawing("square", 5, size=26, mode="RGB")),
     }
     path = tmp_path / "d.zip"
     path.write_bytes(zip_of(files))
@@ -405,7 +415,7 @@ def test_training_samples_are_the_tensors_predict_makes_of_the_same_files(
     samples = load_image_samples(path, image, ImageLimits(4096**2, 1 << 30, 1000), kind="zip")
     assert samples.images.dtype == np.uint8
     assert samples.classes == ["circle", "square"]
-    assert samples.labels.tolist() == [0, 0, 1]
+    assert samples.labels.tolist() == [0, 0, 1, 1, 1]
     training = images_to_tensor(samples.images, image)
     shape = (image.channels, *samples.images.shape[1:3])
     served = decode_images([files[n] for n in sorted(files)], image, shape, max_pixels=4096**2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
 import zlib
 from typing import Any
 
@@ -21,6 +22,7 @@ from service.preprocess.image import to_tensor
 from service.preprocess.pipeline import ImagePipeline
 from tests.conftest import AUTH, pt_bytes, reference_model, trained_state_dict, upload
 from tests.helpers_api import assert_error
+from tests.helpers_images import encoded, exif_rotated_jpeg
 
 MNIST = {"mode": "L", "resize": 28, "center_crop": 28, "mean": [0.1307], "std": [0.3081]}
 
@@ -209,6 +211,84 @@ BAD = [
     ),
     pytest.param(lambda: _png(_picture((20, 20), "L")), 200, None, id="small-is-resized"),
 ]
+
+
+def _palette() -> bytes:
+    return _png(_picture((30, 40), "RGB").convert("P", palette=Image.Palette.ADAPTIVE))
+
+
+CONVERTED = [
+    pytest.param(_palette, "image/png", id="palette"),
+    pytest.param(lambda: _png(_picture((28, 28), "RGBA")), "image/png", id="alpha"),
+    pytest.param(lambda: encoded(_picture((40, 30), "CMYK"), "JPEG"), "image/jpeg", id="cmyk"),
+    pytest.param(lambda: encoded(_picture((36, 30)), "WEBP"), "image/webp", id="webp"),
+    pytest.param(lambda: exif_rotated_jpeg(_picture((40, 30))), "image/jpeg", id="exif"),
+]
+
+
+@pytest.mark.parametrize(("make", "media_type"), CONVERTED)
+def test_palette_alpha_cmyk_and_exif_images_are_converted_as_documented(
+    client: httpx.Client, digits: dict[str, torch.Tensor], make: Any, media_type: str
+) -> None:
+    """Converted to the pipeline's mode from the decoded pixels, EXIF orientation not applied
+    (as torchvision's loaders): what training sees of the same file (test_image_datasets)."""
+    data = make()
+    decoded = Image.open(io.BytesIO(data))
+    x = _expected(decoded, MNIST)[None]
+    model = reference_model("mnist_cnn", digits)
+    r = client.post("/v1/models/digits/predict", content=data, headers={"Content-Type": media_type})
+    assert r.status_code == 200, r.text
+    got = torch.tensor(r.json()["outputs"])
+    torch.testing.assert_close(got, model(x).detach(), rtol=1e-4, atol=1e-4)
+    if decoded.getexif().get(0x0112) == 6:  # the upright picture would be another input
+        upright = _expected(decoded.transpose(Image.Transpose.ROTATE_270), MNIST)[None]
+        assert not torch.allclose(got, model(upright).detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_images_and_bombs_do_not_stall_other_requests(
+    client: httpx.Client, digits: dict[str, torch.Tensor]
+) -> None:
+    """Three clients send bombs and broken files without pause; a fourth's predictions still
+    answer (a bomb decoded in full would take minutes and gigabytes: a stall is not subtle)."""
+    bad = [
+        _bomb_png(50_000, 50_000),
+        _png(_picture((1, 200_000), "L")),
+        _png(_picture((28, 28), "L"))[:60],
+        b"not an image",
+    ]
+    stop = threading.Event()
+    codes: list[int] = []
+
+    def attack() -> None:
+        with httpx.Client(base_url=client.base_url, timeout=60) as c:
+            while not stop.is_set():
+                for body in bad:
+                    answer = c.post(
+                        "/v1/models/digits/predict",
+                        content=body,
+                        headers={"Content-Type": "image/png"},
+                    )
+                    codes.append(answer.status_code)
+
+    attackers = [threading.Thread(target=attack) for _ in range(3)]
+    for t in attackers:
+        t.start()
+    try:
+        good = _png(_picture((28, 28), "L", seed=5))
+        with httpx.Client(base_url=client.base_url, timeout=10) as c:
+            for _ in range(20):
+                r = c.post(
+                    "/v1/models/digits/predict", content=good, headers={"Content-Type": "image/png"}
+                )
+                assert r.status_code == 200, r.text
+                r = c.post("/v1/models/digits/predict", json={"inputs": [[[0.5] * 28] * 28]})
+                assert r.status_code == 200, r.text
+    finally:
+        stop.set()
+        for t in attackers:
+            t.join(timeout=60)
+    assert len(codes) >= len(bad)
+    assert set(codes) <= {413, 422}, sorted(set(codes))
 
 
 @pytest.mark.parametrize(("make", "status", "code"), BAD)
