@@ -218,6 +218,16 @@ def test_the_images_install_step_installs_bnserve_in_a_clean_environment(tmp_pat
         ["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    # The set-up says what it does, a line a step, and keeps pip's own output to itself.
+    steps = [line for line in result.stderr.splitlines() if line.startswith("==> ")]
+    assert [s.split(" (")[0].split(";")[0] for s in steps] == [
+        "==> upgrading pip",
+        "==> installing PyTorch",
+        f"==> installing bnserve{_install_extras(command)} and its dependencies",
+        "==> installed",
+    ], result.stderr
+    assert "Requirement already satisfied" not in result.stdout + result.stderr
+    assert "Successfully installed" not in result.stdout + result.stderr
     # bnserve is now installed in the new environment itself, from this tree, importable from
     # anywhere, with the dev.sh stamp that makes a rerun a no-op.
     probe = (
@@ -235,6 +245,27 @@ def test_the_images_install_step_installs_bnserve_in_a_clean_environment(tmp_pat
     assert Path(found[0]).resolve().is_relative_to(REPO), found
     assert Path(found[1]).resolve().is_relative_to(venv), found
     assert (venv / ".bnserve-installed").read_text().split()[0] == docker_args()["TORCH_SPEC"]
+
+    # `scripts/dev.sh serve` hands its arguments to the server, as its header says: `--help`
+    # is the server's own and starts nothing.
+    served = subprocess.run(
+        ["bash", str(DEV_SH), "serve", "--help"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert served.returncode == 0, served.stdout + served.stderr
+    assert "==> starting the server: python -m service --help" in served.stderr
+    assert "--port" in served.stdout
+    assert "--workers" in served.stdout
+
+
+def _install_extras(command: str) -> str:
+    """The extras the Dockerfile's `scripts/dev.sh install "[...]"` asks for."""
+    match = re.search(r"dev\.sh install\s+\"?(\[[^\]\"]*\])?", command)
+    return (match.group(1) or "") if match else ""
 
 
 # --- docker-compose.yml ------------------------------------------------------------------------

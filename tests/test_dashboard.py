@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,30 @@ def test_the_page_shows_models_versions_and_jobs_as_the_api_does(
     _wait(browser, lambda d: "running" in d.find_element(By.ID, "job-status").text, "running job")
     done = len(stack["client"].get(f"/v1/jobs/{stack['running']}").json()["metrics"])
     assert _circles(browser, "chart-loss", "train_loss") <= done + 1
+
+
+def test_a_running_jobs_detail_follows_its_event_stream(
+    stack: dict[str, Any], browser: WebDriver
+) -> None:
+    """The selected running job is drawn from `GET /v1/jobs/{id}/events` as events arrive
+    (`data-job-events` counts the events the page rendered; only the stream's reader sets it),
+    and once another job is selected, the running one's events no longer draw."""
+    _open(browser, stack["url"])
+    _click(browser, _job(stack["running"]))
+    _wait(browser, lambda d: "running" in d.find_element(By.ID, "job-status").text, "running job")
+
+    def events(d: WebDriver) -> int:
+        return int(d.find_element(By.TAG_NAME, "body").get_attribute("data-job-events") or 0)
+
+    _wait(browser, lambda d: events(d) >= 3, "progress events from the job's stream")
+    shown = _text(browser, _job(stack["running"]))
+    assert "epoch" in shown
+    assert "step" in shown
+    _click(browser, _job(stack["finished"]))
+    _wait(browser, lambda d: "succeeded" in d.find_element(By.ID, "job-status").text, "finished")
+    after = events(browser)
+    time.sleep(2.0)  # several heartbeats of the running job
+    assert events(browser) == after  # its stream no longer draws over the selected job
 
 
 def test_without_the_token_the_page_is_read_only(stack: dict[str, Any], browser: WebDriver) -> None:

@@ -359,9 +359,87 @@ async function selectJob(id) {
     state.job = await api("GET", `/v1/jobs/${encodeURIComponent(id)}`);
     renderJobs();
     renderJob();
+    followJob();
   } catch (error) {
     showError(error);
   }
+}
+
+// Live curves: the selected job, while it is queued or running, follows its event stream
+// (GET /v1/jobs/{id}/events), so each progress update and each finished epoch is drawn as the
+// server sends it instead of at the next poll. fetch, not EventSource, which cannot send the
+// bearer token a server with protected reads asks for. The poll goes on for the lists, and
+// restarts a stream that broke while its job still runs.
+const stream = { jobId: null, abort: null };
+
+function followJob() {
+  const job = state.job;
+  const active = job && job.id === state.jobId && (job.status === "queued" || job.status === "running");
+  if (stream.jobId === (active ? job.id : null)) return;
+  if (stream.abort) stream.abort.abort();
+  stream.jobId = null;
+  stream.abort = null;
+  if (!active) return;
+  const controller = new AbortController();
+  stream.jobId = job.id;
+  stream.abort = controller;
+  readEvents(job.id, controller.signal)
+    .catch(() => {})
+    .finally(() => {
+      if (stream.abort === controller) {
+        stream.jobId = null;
+        stream.abort = null;
+      }
+    });
+}
+
+async function readEvents(id, signal) {
+  const headers = { Accept: "text/event-stream" };
+  if (state.token) headers.Authorization = "Bearer " + state.token;
+  const response = await fetch(`/v1/jobs/${encodeURIComponent(id)}/events`, { headers, signal });
+  if (!response.ok || !response.body) return;
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let name = "message";
+      let data = "";
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event: ")) name = line.slice(7);
+        else if (line.startsWith("data: ")) data += line.slice(6);
+      }
+      if (data) await onJobEvent(id, name, JSON.parse(data));
+    }
+  }
+}
+
+async function onJobEvent(id, name, data) {
+  if (state.jobId !== id || !state.job || state.job.id !== id) return;
+  if (name === "progress") {
+    const metrics = [...(state.job.metrics || [])];
+    const last = data.metrics;
+    const newest = metrics.length ? metrics[metrics.length - 1].epoch : 0;
+    if (last && last.epoch === newest + 1) metrics.push(last);
+    state.job = { ...state.job, status: data.status, progress: data.progress, metrics };
+    if (last && last.epoch > newest + 1) {
+      state.job = await api("GET", `/v1/jobs/${encodeURIComponent(id)}`); // epochs in between
+    }
+  } else if (data.job) {
+    state.job = data.job; // the outcome: the whole job
+  } else {
+    return; // "error": the job is gone; the next poll says so
+  }
+  const job = state.job;
+  state.jobs = state.jobs.map((j) => (j.id === id ? { ...j, status: job.status, progress: job.progress } : j));
+  document.body.dataset.jobEvents = String(Number(document.body.dataset.jobEvents || 0) + 1);
+  renderJobs();
+  renderJob();
 }
 
 async function refresh() {
@@ -382,6 +460,7 @@ async function refresh() {
     renderVersions();
     renderJobs();
     renderJob();
+    followJob();
     document.body.dataset.loaded = "true";
   } catch (error) {
     if (error instanceof ApiError && error.status === 401) {
