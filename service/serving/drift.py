@@ -134,7 +134,7 @@ class DriftProbe:
             for name, bn in zip(layers, bns, strict=True)
         ]
         self._lock = threading.Lock()  # one measurement at a time: the hooks share `_seen`
-        self._seen: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
+        self._seen: list[tuple[str, torch.Tensor, torch.Tensor, int, int]] = []
         # Registered for good: the probe has no caller but `measure`, and hooking per call cost
         # a dozen GIL round trips a measurement beside a busy event loop.
         for bn, layer in zip(bns, self.layers, strict=True):
@@ -193,8 +193,8 @@ class DriftProbe:
                 self.module(x)
             seen, self._seen = self._seen, []
         return [
-            BatchStats(layer.name, samples, count, _floats(mean), _floats(var))
-            for layer, (mean, var, samples, count) in zip(self.layers, seen, strict=False)
+            BatchStats(name, samples, count, _floats(mean), _floats(var))
+            for name, mean, var, samples, count in seen
         ]
 
     def _hook_for(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
@@ -204,7 +204,7 @@ class DriftProbe:
             x = args[0] if args[0].dtype == torch.float32 else args[0].float()
             dims = [d for d in range(x.dim()) if d != 1]
             var, mean = torch.var_mean(x, dim=dims, correction=0)
-            self._seen.append((mean, var, x.shape[0], x.numel() // max(1, x.shape[1])))
+            self._seen.append((name, mean, var, x.shape[0], x.numel() // max(1, x.shape[1])))
             if len(self._seen) >= last:
                 raise _Stop
 
