@@ -46,6 +46,21 @@ def test_every_json_number_form_decodes_as_orjson_reads_it() -> None:
 @pytest.mark.parametrize(
     "body",
     [
+        b'\xef\xbb\xbf{"inputs": [1, 2]}',  # a BOM: orjson refuses it, json.loads reads it
+        b'\t{"inputs":[1,2]}\n\n',
+        b'{"in\\u0070uts": [1, 2]}',
+        b'{"inputs": [-1e-5000, 2]}',
+    ],
+)
+def test_what_it_takes_the_general_path_reads_the_same(body: bytes) -> None:
+    got = numeric_inputs(body)
+    assert got is not None
+    np.testing.assert_array_equal(got, np.asarray(json.loads(body)["inputs"], dtype=np.float64))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
         b'{"inputs": [[1, 2], [3, [4]]]}',  # an array among the numbers, same count of values
         b'{"inputs": [[1, 2], [3], [4, 5, 6]]}',  # ragged, same count of values and arrays
         b'{"inputs": [[1, 2], 3]}',
