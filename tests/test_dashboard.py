@@ -209,6 +209,18 @@ def test_the_page_shows_models_versions_and_jobs_as_the_api_does(
     _wait(browser, lambda d: _circles(d, "chart-loss", "train_loss") == FINISHED_EPOCHS, "curves")
     assert _circles(browser, "chart-loss", "val_loss") == FINISHED_EPOCHS
     assert _circles(browser, "chart-accuracy", "val_accuracy") == FINISHED_EPOCHS
+    # Issue 16's fields: the kept epoch is named and marked, and each point's tooltip has its lr.
+    job = stack["client"].get(f"/v1/jobs/{stack['finished']}").json()
+    assert job["kept_epoch"] is not None
+    assert f"kept epoch {job['kept_epoch']}" in _text(browser, "#job-summary")
+    assert browser.find_elements(By.CSS_SELECTOR, "#chart-loss line.kept")
+    tips = [
+        t.get_attribute("textContent")
+        for t in browser.find_elements(By.CSS_SELECTOR, "#chart-loss circle title")
+    ]
+    lrs = {m["epoch"]: m["lr"] for m in job["metrics"]}
+    for epoch, lr in lrs.items():
+        assert any(tip.startswith(f"epoch {epoch}:") and f"(lr {lr})" in tip for tip in tips), tips
 
     # The running job's curves have a point for each epoch it has finished so far, no more.
     _click(browser, running)
