@@ -38,9 +38,14 @@ class ApiError extends Error {
   }
 }
 
-async function api(method, path, body) {
-  const headers = { Accept: "application/json" };
+// The bearer header every call of the page sends once a token is given.
+function withToken(headers) {
   if (state.token) headers.Authorization = "Bearer " + state.token;
+  return headers;
+}
+
+async function api(method, path, body) {
+  const headers = withToken({ Accept: "application/json" });
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const response = await fetch(path, {
     method,
@@ -394,8 +399,7 @@ function followJob() {
 }
 
 async function readEvents(id, signal) {
-  const headers = { Accept: "text/event-stream" };
-  if (state.token) headers.Authorization = "Bearer " + state.token;
+  const headers = withToken({ Accept: "text/event-stream" });
   const response = await fetch(`/v1/jobs/${encodeURIComponent(id)}/events`, { headers, signal });
   if (!response.ok || !response.body) return;
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
